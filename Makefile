@@ -1,0 +1,49 @@
+# The front door. `make serve` and `make test` work on a fresh clone: they create .venv first.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: help venv serve test pipeline data train export archive lint format clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.txt
+	test -d $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+venv: $(STAMP)  ## create .venv with the pinned dependencies
+
+serve: $(STAMP) pipeline  ## build everything that changed, then serve it (Ctrl-C stops)
+	$(PY) -m scripts.serve $(ARGS)
+
+test: $(STAMP)  ## the whole test suite, with coverage
+	$(PY) -m pytest --cov --cov-report=term-missing:skip-covered $(ARGS)
+
+pipeline: $(STAMP)  ## dvc repro: data -> train -> export -> archive, only what changed
+	dvc repro
+
+data: $(STAMP)  ## prepare the dataset (ARGS='data=folder data.root=...')
+	$(PY) -m training.data $(ARGS)
+
+train: $(STAMP)  ## train (ARGS='model=resnet18 trainer.max_epochs=3')
+	$(PY) -m training.train $(ARGS)
+
+export: $(STAMP)  ## TorchScript export, checked against the eager model
+	$(PY) -m training.export $(ARGS)
+
+archive: $(STAMP)  ## pack model_store/<name>.mar
+	$(PY) -m scripts.archive $(ARGS)
+
+lint: $(STAMP)  ## ruff lint and format check
+	ruff check . && ruff format --check .
+
+format: $(STAMP)  ## ruff fix and format
+	ruff check --fix . && ruff format .
+
+clean:  ## remove generated files (keeps .venv and DVC's cache)
+	rm -rf data/processed artifacts logs model_store/*.mar .coverage htmlcov .pytest_cache

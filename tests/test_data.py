@@ -1,0 +1,110 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training.config import load_config
+from training.data import DataError, ImageDataModule, load_split, make_dataset, split_indices
+
+
+def test_digits_splits_are_deterministic_disjoint_and_complete(cfg, dataset, tmp_path):
+    again = make_dataset(load_config([f"paths.data={tmp_path}/again"]))
+    sizes = 0
+    seen = set()
+    for split in ("train", "val", "test"):
+        x, y = load_split(dataset, split)
+        x2, y2 = load_split(again, split)
+        assert (x == x2).all() and (y == y2).all()
+        assert x.dtype.is_floating_point is False and str(x.dtype) == "torch.uint8"
+        assert tuple(x.shape[1:]) == (1, 8, 8) and len(x) == len(y)
+        rows = {bytes(img.numpy()) + bytes([int(label)]) for img, label in zip(x, y, strict=True)}
+        seen |= rows
+        sizes += len(x)
+    assert sizes == 1797
+    meta = json.loads((dataset / "meta.json").read_text())
+    assert meta["classes"] == [str(i) for i in range(10)]
+    assert meta["counts"]["test"] == pytest.approx(1797 * 0.15, abs=10)
+
+
+def test_split_indices_disjoint_stratified_and_seeded():
+    labels = np.repeat(np.arange(3), 20)
+    a = split_indices(labels, 0.2, 0.2, seed=1)
+    b = split_indices(labels, 0.2, 0.2, seed=1)
+    c = split_indices(labels, 0.2, 0.2, seed=2)
+    assert all((a[s] == b[s]).all() for s in a)
+    assert any((a[s] != c[s]).any() for s in a)
+    union = np.concatenate(list(a.values()))
+    assert len(union) == len(set(union.tolist())) == 60
+    assert [int((labels[a["test"]] == k).sum()) for k in range(3)] == [4, 4, 4]
+
+
+def test_samples_written_one_per_class(dataset):
+    samples = sorted(p.name for p in (dataset / "samples").glob("*.png"))
+    assert samples == [f"{i}_{i}.png" for i in range(10)]
+
+
+def make_folder(root, mode: str, sizes=((20, 30), (64, 48), (100, 100))):
+    for c, name in enumerate(["cat", "dog"]):
+        (root / name).mkdir(parents=True)
+        for i in range(6):
+            color = (40 + 100 * c + i,) * (1 if mode == "L" else 3)
+            img = Image.new(mode, sizes[i % len(sizes)], color[0] if mode == "L" else color)
+            img.save(root / name / f"{i}.{'png' if i % 2 else 'jpg'}")
+
+
+@pytest.mark.parametrize(("mode", "channels"), [("L", 1), ("RGB", 3), ("L", 3), ("RGB", 1)])
+def test_image_folder_gray_and_rgb(tmp_path, mode, channels):
+    make_folder(tmp_path / "imgs", mode)
+    cfg = load_config(
+        ["data=folder", f"data.root={tmp_path}/imgs", f"data.channels={channels}", "data.image_size=16"]
+        + [f"paths.data={tmp_path}/out", "data.val_fraction=0.2", "data.test_fraction=0.2"]
+    )
+    out = make_dataset(cfg)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["classes"] == ["cat", "dog"] and meta["channels"] == channels
+    total = 0
+    for split in ("train", "val", "test"):
+        x, y = load_split(out, split)
+        assert tuple(x.shape[1:]) == (channels, 16, 16)
+        assert set(y.tolist()) == {0, 1}
+        total += len(y)
+    assert total == 12
+    module = ImageDataModule(str(out), batch_size=4)
+    module.setup()
+    images, labels = next(iter(module.train_dataloader()))
+    assert images.shape[1:] == (channels, 16, 16) and labels.dtype.is_floating_point is False
+
+
+def folder_cfg(tmp_path, root):
+    return load_config(["data=folder", f"data.root={root}", f"paths.data={tmp_path}/out"])
+
+
+def test_folder_errors_are_clear(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        make_dataset(folder_cfg(tmp_path, tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="at least two class"):
+        make_dataset(folder_cfg(tmp_path, tmp_path / "empty"))
+    (tmp_path / "one" / "a").mkdir(parents=True)
+    (tmp_path / "one" / "b").mkdir(parents=True)
+    Image.new("L", (4, 4)).save(tmp_path / "one" / "a" / "x.png")
+    with pytest.raises(DataError, match="no PNG or JPEG"):
+        make_dataset(folder_cfg(tmp_path, tmp_path / "one"))
+    (tmp_path / "one" / "b" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="cannot read image"):
+        make_dataset(folder_cfg(tmp_path, tmp_path / "one"))
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_data_cli_prints_one_line_error(tmp_path):
+    args = ["data=folder", f"data.root={tmp_path}/nope", f"paths.data={tmp_path}/o"]
+    run = subprocess.run(
+        [sys.executable, "-m", "training.data", *args],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1].startswith("error: image folder not found")

@@ -1,0 +1,56 @@
+import json
+
+import pytest
+import torch
+
+from tests.test_model import classifier
+from training.export import ExportError, as_rgb, inference_module, tensor_constants, trace, verify
+from training.model import Classifier
+
+
+def test_export_writes_a_verified_portable_graph(cfg, model_file, eager, test_split):
+    scripted = torch.jit.load(str(model_file))
+    assert tensor_constants(scripted) == []
+    images, _ = test_split
+    for batch in (images[:1], images[:7], images[:32]):
+        got, want = scripted(as_rgb(batch)), eager(as_rgb(batch))
+        assert (got - want).abs().max() <= 1e-5
+        assert torch.equal(got.argmax(1), want.argmax(1))
+        assert torch.allclose(got.sum(1), torch.ones(len(batch)), atol=1e-5)
+    labels = json.loads((model_file.parent / "index_to_name.json").read_text())
+    assert labels == {str(i): str(i) for i in range(10)}
+
+
+def test_graph_handles_any_input_size(model_file, eager, test_split):
+    scripted = torch.jit.load(str(model_file))
+    images = as_rgb(test_split[0][:5])
+    for size in [(8, 8), (13, 21), (64, 64)]:
+        resized = torch.nn.functional.interpolate(images.float(), size=size).to(torch.uint8)
+        assert torch.allclose(scripted(resized), eager(resized), atol=1e-5)
+
+
+def test_verify_fails_when_graph_and_eager_disagree(cfg, eager, test_split, metrics):
+    scripted = trace(eager, test_split[0])
+    other = Classifier.load_from_checkpoint(f"{cfg.paths.artifacts}/model.ckpt", map_location="cpu")
+    with torch.no_grad():
+        for p in other.backbone.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    with pytest.raises(ExportError, match="differs from eager"):
+        verify(scripted, inference_module(other), test_split[0])
+
+
+def test_tensor_constants_are_detected():
+    class Baked(torch.nn.Module):
+        def forward(self, x):
+            return x * torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1)
+
+    scripted = torch.jit.trace(Baked(), torch.ones(1, 3, 2, 2))
+    assert tensor_constants(scripted)
+
+
+def test_resnet18_exports_and_verifies(test_split):
+    eager = inference_module(classifier("resnet18", 1, augment=False))
+    images = test_split[0][:32]
+    scripted = trace(eager, images)
+    assert tensor_constants(scripted) == []
+    assert verify(scripted, eager, images) <= 1e-5

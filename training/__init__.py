@@ -1,0 +1,1 @@
+"""Data -> train -> export: the training half of the bundle."""

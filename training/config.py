@@ -1,0 +1,14 @@
+"""Loads the Hydra config for code that is not a Hydra entry point (scripts, tests)."""
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def load_config(overrides: list[str] | None = None) -> DictConfig:
+    """Compose configs/config.yaml with command-line style overrides."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides or [])

@@ -1,0 +1,44 @@
+"""The one preprocessing function: training, export and (through the exported graph) serving use it.
+
+Kornia's functional ops only, so `torch.jit.trace` records them into the TorchScript graph.
+Constants live in buffers, not in the graph, so the traced file runs on any device.
+"""
+
+import torch
+from kornia.color import grayscale_to_rgb, rgb_to_grayscale
+from kornia.enhance import normalize
+from kornia.geometry.transform import resize
+from torch import Tensor, nn
+
+# ITU-R BT.601 luma, the weights PIL's convert("L") uses.
+RGB_TO_GRAY = (0.299, 0.587, 0.114)
+
+
+def preprocess(images: Tensor, size: int, mean: Tensor, std: Tensor, rgb_weights: Tensor) -> Tensor:
+    """uint8 (or float in [0, 1]) images [B, 1|3, H, W] -> normalised float [B, len(mean), size, size].
+
+    "area" resizing averages pixels when shrinking (no aliasing from large uploads) and
+    traces without shape-dependent constants, so one graph serves any input size.
+    """
+    x = images.float() / 255 if images.dtype == torch.uint8 else images
+    x = resize(x, (size, size), interpolation="area")
+    channels = mean.shape[0]
+    if x.shape[1] == 3 and channels == 1:
+        x = rgb_to_grayscale(x, rgb_weights)
+    elif x.shape[1] == 1 and channels == 3:
+        x = grayscale_to_rgb(x)
+    return normalize(x, mean, std)
+
+
+class Preprocess(nn.Module):
+    """`preprocess` with the training statistics as buffers (they follow `.to(device)`)."""
+
+    def __init__(self, size: int, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        self.size = size
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32))
+        self.register_buffer("rgb_weights", torch.tensor(RGB_TO_GRAY, dtype=torch.float32))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return preprocess(images, self.size, self.mean, self.std, self.rgb_weights)
