@@ -57,8 +57,18 @@ def test_dvc_repro_push_and_pull(tmp_path):
     assert meta.read_bytes() == original
 
 
-@pytest.mark.parametrize("module", ["training.data", "training.train", "training.export", "scripts.archive", "scripts.serve"])
+COMMANDS = ["training.data", "training.train", "training.export", "scripts.archive", "scripts.serve"]
+
+
+@pytest.mark.parametrize("module", COMMANDS)
 def test_every_command_has_help(module):
     result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "override" in result.stdout.lower() or "usage" in result.stdout.lower()
+
+
+def test_code_passes_ruff():
+    ruff = str(Path(sys.executable).parent / "ruff")
+    for cmd in ([ruff, "check", "."], [ruff, "format", "--check", "."]):
+        result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        assert result.returncode == 0, result.stdout
