@@ -2,9 +2,12 @@
 
 import json
 import logging
+from collections import Counter
 
 import torch
-from serving import ImageClassifier, Settings
+from serving import ImageClassifier, Result, Settings
+from ts.metrics.dimension import Dimension
+from ts.metrics.metric_type_enum import MetricTypes
 
 log = logging.getLogger(__name__)
 
@@ -34,4 +37,25 @@ class Handler:
         for idx, result in enumerate(results):
             if result.status != 200:
                 context.set_response_status(result.status, result.body["error"], idx)
+        self.record(context.metrics, results)
         return [json.dumps(r.body) for r in results]
+
+    def record(self, metrics, results: list[Result]) -> None:
+        """Custom metrics, declared in the bundle's metrics.yaml so that Prometheus exports them."""
+        if metrics is None:
+            return
+        dims = [Dimension("ModelName", self.classifier.name), Dimension("Level", "Model")]
+        batch = self.classifier.last_batch
+
+        def emit(name: str, value: float, unit: str, kind: MetricTypes, extra: list[Dimension] = ()) -> None:
+            metrics.add_metric(name, value, unit, dimensions=[*dims, *extra], metric_type=kind)
+
+        emit("DecodeTime", batch.decode_ms, "ms", MetricTypes.GAUGE)
+        emit("InferenceTime", batch.inference_ms, "ms", MetricTypes.GAUGE)
+        emit("BatchSize", len(results), "count", MetricTypes.HISTOGRAM)
+        for _, probability in batch.top:
+            emit("TopConfidence", probability, "ratio", MetricTypes.HISTOGRAM)
+        for label, count in Counter(label for label, _ in batch.top).items():
+            emit("Predictions", count, "count", MetricTypes.COUNTER, [Dimension("Label", label)])
+        for status, count in Counter(r.status for r in results if r.status != 200).items():
+            emit("RejectedRequests", count, "count", MetricTypes.COUNTER, [Dimension("Status", str(status))])

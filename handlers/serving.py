@@ -62,6 +62,10 @@ def decode_image(data: bytes, max_pixels: int) -> torch.Tensor:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise InputError(f"not an image, or not one of {sorted(FORMATS)}", 415) from None
+    except Image.DecompressionBombError as err:
+        raise InputError(f"image over the pixel limit: {err}", 413) from None
+    except Exception as err:  # a malformed header can raise anything inside PIL's parsers
+        raise InputError(f"cannot read the image header: {err}") from None
     if img.format not in FORMATS:
         raise InputError(f"unsupported image format {img.format}: send one of {sorted(FORMATS)}", 415)
     width, height = img.size
@@ -72,7 +76,9 @@ def decode_image(data: bytes, max_pixels: int) -> torch.Tensor:
         if img.mode.startswith("I"):  # 16-bit gray: keep the high byte; PIL's convert would clip at 255
             img = Image.fromarray((np.asarray(img, dtype=np.int64) >> 8).clip(0, 255).astype(np.uint8))
         rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError) as err:
+    except Image.DecompressionBombError as err:
+        raise InputError(f"image over the pixel limit: {err}", 413) from None
+    except Exception as err:  # truncated or corrupt data: OSError, ValueError, SyntaxError, ...
         raise InputError(f"corrupt or truncated {img.format} image: {err}") from None
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
@@ -113,6 +119,15 @@ def _b64(value: object) -> bytes:
         raise InputError("invalid base64") from None
 
 
+@dataclass
+class Batch:
+    """What the last `handle` call did, for metrics."""
+
+    decode_ms: float = 0.0
+    inference_ms: float = 0.0
+    top: list[tuple[str, float]] = field(default_factory=list)  # (label, probability) per answered image
+
+
 class ImageClassifier:
     """Loads the TorchScript model once; answers batches of requests."""
 
@@ -124,7 +139,7 @@ class ImageClassifier:
         torch.set_num_threads(settings.threads)
         self.model = torch.jit.load(str(model_path), map_location=self.device).eval()
         self.top_k = max(1, min(settings.top_k, len(labels)))
-        self.timings: dict[str, float] = {}
+        self.last_batch = Batch()
 
     @classmethod
     def from_dir(
@@ -175,14 +190,15 @@ class ImageClassifier:
             images += decoded
             owners += [r] * len(decoded)
         decoded_at = time.perf_counter()
-        probs = self.predict(images) if images else torch.empty(0)
-        self.timings = {
-            "decode_ms": (decoded_at - start) * 1e3,
-            "inference_ms": (time.perf_counter() - decoded_at) * 1e3,
-        }
+        probs = self.predict(images) if images else torch.empty(0, len(self.labels))
         answers: dict[int, list[dict]] = {}
         for owner, p in zip(owners, probs, strict=True):
             answers.setdefault(owner, []).append(self.answer(p))
+        self.last_batch = Batch(
+            decode_ms=(decoded_at - start) * 1e3,
+            inference_ms=(time.perf_counter() - decoded_at) * 1e3,
+            top=[(a["label"], a["probability"]) for found in answers.values() for a in found],
+        )
         for r, found in answers.items():
             body = {"model": self.name, "version": self.version}
             if r in listed:

@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_PROPERTIES = ROOT / "config.properties"
 API_PORTS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
+GRPC_PORTS = {"grpc_inference": "grpc_inference_port", "grpc_management": "grpc_management_port"}
 MIN_JAVA = 17
 
 
@@ -107,9 +108,17 @@ class TorchServe:
     ) -> None:
         self.model_store = Path(model_store).resolve()
         self.models, self.workdir = models, Path(workdir).resolve()
-        self.props = read_properties(Path(config))
-        for api, port in (ports or {}).items():
-            self.props[API_PORTS[api]] = f"http://127.0.0.1:{port}"
+        config = Path(config).resolve()
+        self.props = read_properties(config)
+        if "metrics_config" in self.props:  # relative to config.properties, not to the workdir
+            self.props["metrics_config"] = str(config.parent / self.props["metrics_config"])
+        if ports is not None:  # a side-by-side server: every port it opens must be free, gRPC's too
+            for api in (*API_PORTS, *GRPC_PORTS):
+                port = ports.get(api) or free_port()
+                if api in API_PORTS:
+                    self.props[API_PORTS[api]] = f"http://127.0.0.1:{port}"
+                else:
+                    self.props[GRPC_PORTS[api]] = str(port)
         self.props.update(extra or {})
         self.props["model_store"] = str(self.model_store)
         self.proc: subprocess.Popen | None = None
@@ -136,8 +145,10 @@ class TorchServe:
         return env
 
     def start(self) -> "TorchServe":
-        for api in API_PORTS:
-            address = urlparse(self.url(api))
+        addresses = [(api, urlparse(self.url(api))) for api in API_PORTS]
+        grpc_host = self.props.get("grpc_inference_address", "127.0.0.1")
+        addresses += [(api, urlparse(f"//{grpc_host}:{self.props[key]}")) for api, key in GRPC_PORTS.items()]
+        for api, address in addresses:
             if not port_free(address.hostname, address.port):
                 raise ServeError(
                     f"port {address.port} ({api} API) is in use: stop the other server or change config.properties"

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from scripts.archive import archive
-from scripts.serve import TorchServe, free_port
+from scripts.serve import TorchServe
 from training.config import load_config
 from training.data import load_split, make_dataset
 from training.export import export, inference_module
@@ -73,8 +73,7 @@ def test_split(cfg, dataset) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.fixture(scope="session")
 def server(cfg, mar, workspace):
     """A real TorchServe on free loopback ports, serving the session's archive; always stopped."""
-    ports = {api: free_port() for api in ("inference", "management", "metrics")}
-    ts = TorchServe(mar.parent, {cfg.name: mar.name}, workspace / "torchserve", ports=ports)
+    ts = TorchServe(mar.parent, {cfg.name: mar.name}, workspace / "torchserve", ports={})  # all free
     with ts:
         ts.wait_ready(timeout=180)
         yield ts

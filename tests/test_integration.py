@@ -2,9 +2,12 @@
 
 import io
 import json
+import shutil
+import subprocess
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,6 +69,55 @@ def test_bad_requests_get_4xx_and_the_worker_survives(server, cfg, test_split):
     status, body = post(server, cfg.name, png(test_split[0][0]), "image/png")
     assert status == 200
     assert {w["pid"] for w in server.workers(cfg.name)} == pids
+
+
+def test_concurrent_good_and_bad_requests_each_get_their_own_status(server, cfg, test_split):
+    """Mixed requests land in shared batches (batchSize > 1); each gets its own answer; workers survive."""
+    assert cfg.serve.batch_size > 1
+    pids = {w["pid"] for w in server.workers(cfg.name)}
+    images, labels = test_split
+    classes = json.loads((Path(cfg.paths.data) / "meta.json").read_text())["classes"]
+    truncated = png(images[0], scale=4)[:60]
+    bad = [(b"", "image/png", 400), (truncated, "image/png", 400), (b"plain text", "image/png", 415)]
+    jobs = []
+    for i in range(48):
+        if i % 3 == 0:
+            data, content_type, want = bad[(i // 3) % len(bad)]
+            jobs.append((data, content_type, want))
+        else:
+            jobs.append((png(images[i]), "image/png", 200))
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda job: post(server, cfg.name, job[0], job[1]), jobs))
+    for (_, _, want), (status, body) in zip(jobs, answers, strict=True):
+        assert status == want, body
+        if want == 200:
+            assert body["label"] in classes
+        else:
+            assert body["error"]
+    assert {w["pid"] for w in server.workers(cfg.name)} == pids
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl: urllib cannot read a reply sent mid-upload")
+def test_body_over_the_size_limit_gets_413(server, cfg, tmp_path):
+    """TorchServe's frontend refuses bodies over max_request_size (6.5 MB) before the handler."""
+    big = tmp_path / "big.png"
+    big.write_bytes(b"\0" * 7_000_000)
+    auth = [f"-H{k}: {v}" for k, v in server.headers().items()]
+    url = f"{server.url('inference')}/predictions/{cfg.name}"
+    cmd = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", *auth, "-H", "Content-Type: image/png"]
+    result = subprocess.run([*cmd, "--data-binary", f"@{big}", url], capture_output=True, text=True, timeout=60)
+    assert result.stdout == "413"
+
+
+def test_metrics_endpoint_exports_the_handler_metrics(server, cfg, test_split):
+    post(server, cfg.name, png(test_split[0][0]), "image/png")
+    post(server, cfg.name, b"junk", "image/png")
+    with urllib.request.urlopen(f"{server.url('metrics')}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    for name in ("DecodeTime", "InferenceTime", "BatchSize", "TopConfidence", "Predictions", "RejectedRequests"):
+        assert f"\n{name}" in text, name
+    assert 'Status="415"' in text
+    assert f'ModelName="{cfg.name}"' in text
 
 
 def test_token_is_required(server, cfg, test_split):
