@@ -111,10 +111,13 @@ def images_in(payload: object) -> tuple[list[bytes], bool]:
 
 
 def _b64(value: object) -> bytes:
+    """Standard base64; line breaks and a data-URI prefix ("data:image/png;base64,") are accepted."""
     if not isinstance(value, str):
         raise InputError("expected a base64 string")
+    if value.startswith("data:") and "," in value:
+        value = value.split(",", 1)[1]
     try:
-        return base64.b64decode(value, validate=True)
+        return base64.b64decode("".join(value.split()), validate=True)
     except (binascii.Error, ValueError):
         raise InputError("invalid base64") from None
 

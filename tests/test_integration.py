@@ -1,13 +1,17 @@
 """A real TorchServe (Java frontend + Python workers) serving the session's archive over HTTP."""
 
+import base64
+import http.client
 import io
 import json
 import shutil
 import subprocess
 import urllib.error
 import urllib.request
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pytest
@@ -118,6 +122,49 @@ def test_metrics_endpoint_exports_the_handler_metrics(server, cfg, test_split):
         assert f"\n{name}" in text, name
     assert 'Status="415"' in text
     assert f'ModelName="{cfg.name}"' in text
+
+
+def send(server, name: str, method: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
+    """A raw HTTP request with exactly these headers (curl -T sends a PUT with no Content-Type)."""
+    url = urlparse(server.url("inference"))
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    try:
+        conn.request(method, f"/predictions/{name}", body=body, headers={**server.headers(), **headers})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def multipart(field: str, filename: str, data: bytes, content_type: str) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
+            f"Content-Type: {content_type}\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def test_every_input_kind_over_http(server, cfg, test_split):
+    image = png(test_split[0][5], scale=3)
+    b64 = base64.b64encode(image).decode()
+    form, form_type = multipart("data", "digit.png", image, "image/png")
+    answers = [
+        send(server, cfg.name, "PUT", image, {}),  # curl -T
+        send(server, cfg.name, "POST", image, {"Content-Type": "image/png"}),  # --data-binary + -H
+        send(server, cfg.name, "POST", form, {"Content-Type": form_type}),  # curl -F data=@
+        send(server, cfg.name, "POST", json.dumps({"data": b64}).encode(), {"Content-Type": "application/json"}),
+    ]
+    assert [status for status, _ in answers] == [200] * 4, answers
+    assert len({body["label"] for _, body in answers}) == 1
+    listed = json.dumps({"instances": [{"b64": b64}, {"b64": b64}]}).encode()
+    status, body = send(server, cfg.name, "POST", listed, {"Content-Type": "application/json"})
+    assert status == 200
+    assert [p["label"] for p in body["predictions"]] == [answers[0][1]["label"]] * 2
 
 
 def test_token_is_required(server, cfg, test_split):

@@ -1,0 +1,191 @@
+"""Every image format and mode the handler accepts, and a corpus of malformed or hostile inputs.
+
+All inputs are generated here; nothing binary is kept in git."""
+
+import base64
+import io
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from serving import ImageClassifier, Settings, decode_image
+
+from tests.conftest import png
+
+
+@pytest.fixture(scope="module")
+def core(mar, tmp_path_factory):
+    import zipfile
+
+    out = tmp_path_factory.mktemp("inputs")
+    with zipfile.ZipFile(mar) as z:
+        z.extractall(out)
+    return ImageClassifier.from_dir(out, "model.pt", Settings(top_k=10, max_pixels=4_000_000))
+
+
+@pytest.fixture(scope="module")
+def digit(test_split) -> Image.Image:
+    """A real test digit, upscaled to 32x32 gray."""
+    return Image.fromarray(test_split[0][0][0].numpy()).resize((32, 32), Image.Resampling.NEAREST)
+
+
+def encode(img: Image.Image, fmt: str, **save) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **save)
+    return buf.getvalue()
+
+
+def pixels(data: bytes) -> torch.Tensor:
+    return decode_image(data, 10**8)
+
+
+LOSSLESS = [
+    ("PNG", "L", {}),
+    ("PNG", "RGB", {}),
+    ("PNG", "RGBA", {}),
+    ("PNG", "P", {}),
+    ("PNG", "LA", {}),
+    ("BMP", "RGB", {}),
+    ("BMP", "L", {}),
+    ("GIF", "P", {}),
+    ("WEBP", "RGB", {"lossless": True}),
+]
+
+
+@pytest.mark.parametrize(("fmt", "mode", "save"), LOSSLESS)
+def test_lossless_formats_decode_to_the_same_pixels(digit, fmt, mode, save):
+    want = pixels(encode(digit, "PNG"))
+    img = digit.convert(mode)
+    if mode in ("RGBA", "LA"):
+        img.putalpha(Image.new("L", img.size, 128))  # alpha is dropped, colour kept
+    got = pixels(encode(img, fmt, **save))
+    assert got.shape == (3, 32, 32) and got.dtype == torch.uint8
+    assert torch.equal(got, want)
+
+
+def test_16_bit_png_keeps_the_high_byte(digit):
+    wide = Image.fromarray(np.asarray(digit, dtype=np.uint16) * 257)
+    data = encode(wide, "PNG")
+    assert Image.open(io.BytesIO(data)).mode.startswith("I")
+    assert torch.equal(pixels(data), pixels(encode(digit, "PNG")))
+
+
+@pytest.mark.parametrize(("fmt", "mode"), [("JPEG", "L"), ("JPEG", "RGB"), ("JPEG", "CMYK"), ("WEBP", "RGB")])
+def test_lossy_formats_decode_close_to_the_original(digit, fmt, mode):
+    got = pixels(encode(digit.convert(mode), fmt, quality=95))
+    want = pixels(encode(digit, "PNG"))
+    assert got.shape == want.shape
+    assert (got.float() - want.float()).abs().mean() < 12
+
+
+def test_gif_animation_uses_the_first_frame(digit):
+    frames = [digit.convert("P"), Image.new("P", digit.size, 0)]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    assert Image.open(io.BytesIO(data)).n_frames == 2
+    assert torch.equal(pixels(data), pixels(encode(digit, "PNG")))
+
+
+def test_exif_orientation_is_applied(digit):
+    stored = digit.transpose(Image.Transpose.ROTATE_90)  # a camera that stored it sideways
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    got = pixels(encode(stored, "PNG", exif=exif))
+    assert torch.equal(got, pixels(encode(digit, "PNG")))
+
+
+def test_every_format_gets_the_same_answer(core, digit):
+    answers = set()
+    for fmt, mode, save in LOSSLESS:
+        [result] = core.handle([encode(digit.convert(mode), fmt, **save)])
+        assert result.status == 200
+        answers.add(result.body["label"])
+    assert len(answers) == 1
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height, with one tiny compressed row: a decompression bomb."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+
+
+def hostile_corpus(digit: Image.Image) -> list[tuple[str, object, int]]:
+    """(name, payload, expected status). Payload: bytes as sent raw, or parsed JSON as TorchServe hands it."""
+    good = encode(digit, "PNG")
+    jpeg = encode(digit.convert("RGB"), "JPEG")
+    corrupt = bytearray(good)
+    corrupt[len(corrupt) // 2 : len(corrupt) // 2 + 8] = b"\xff" * 8
+    b64 = base64.b64encode(good).decode()
+    return [
+        ("empty body", b"", 400),
+        ("one byte", b"\x00", 415),
+        ("plain text", b"hello, I am not an image", 415),
+        ("html page", b"<html><body>hi</body></html>", 415),
+        ("svg image", b'<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"/>', 415),
+        ("pdf document", b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF", 415),
+        ("png signature only", b"\x89PNG\r\n\x1a\n", 415),
+        ("png truncated in the header", good[:20], 400),
+        ("png truncated in the data", good[: len(good) // 2], 400),
+        ("png with corrupt data", bytes(corrupt), 400),
+        ("jpeg truncated", jpeg[: len(jpeg) // 2], 400),
+        ("tiff (unsupported format)", encode(digit, "TIFF"), 415),
+        ("ico (unsupported format)", encode(digit.convert("RGB"), "ICO"), 415),
+        ("decompression bomb 100000x100000", png_header(100_000, 100_000), 413),
+        ("over the pixel limit 3000x3000", png_header(3000, 3000), 413),
+        ("json that does not parse", b'{"data": "abc', 400),
+        ("json list", [1, 2, 3], 400),
+        ("json number", 42, 400),
+        ("json without data or instances", {"image": b64}, 400),
+        ("data not a string", {"data": 123}, 400),
+        ("data not base64", {"data": "***not base64***"}, 400),
+        ("data is base64 of text", {"data": base64.b64encode(b"just text").decode()}, 415),
+        ("instances not a list", {"instances": {"b64": b64}}, 400),
+        ("instances empty", {"instances": []}, 400),
+        ("instance without b64", {"instances": [{"bytes": b64}]}, 400),
+        ("one bad instance among good ones", {"instances": [{"b64": b64}, {"b64": "!!"}]}, 400),
+        ("null body", None, 400),
+    ]
+
+
+def test_hostile_corpus_gets_clear_4xx(core, digit):
+    corpus = hostile_corpus(digit)
+    assert len(corpus) >= 20
+    results = core.handle([payload for _, payload, _ in corpus])
+    for (name, _, want), result in zip(corpus, results, strict=True):
+        assert (name, result.status) == (name, want), result.body
+        assert result.body["error"] and result.body["status"] == want
+    [after] = core.handle([encode(digit, "PNG")])  # the same core keeps answering
+    assert after.status == 200
+
+
+def test_hostile_inputs_do_not_spoil_a_shared_batch(core, digit):
+    good = encode(digit, "PNG")
+    corpus = hostile_corpus(digit)
+    payloads = [good]
+    for _, payload, _ in corpus:
+        payloads += [payload, good]
+    results = core.handle(payloads)
+    assert [r.status for r in results[::2]] == [200] * (len(corpus) + 1)
+    assert len({json.dumps(r.body) for r in results[::2]}) == 1
+
+
+def test_base64_with_line_breaks_and_data_uri(core, digit):
+    raw = base64.b64encode(encode(digit, "PNG")).decode()
+    wrapped = "\n".join(raw[i : i + 76] for i in range(0, len(raw), 76))
+    results = core.handle([{"data": wrapped}, {"data": f"data:image/png;base64,{raw}"}, {"data": raw}])
+    assert [r.status for r in results] == [200, 200, 200]
+    assert results[0].body == results[1].body == results[2].body
+
+
+def test_images_of_different_sizes_share_a_batch(core, digit, test_split):
+    payloads = [png(test_split[0][i], scale=s) for i, s in [(0, 1), (1, 3), (2, 1), (3, 7)]]
+    together = core.handle(payloads)
+    alone = [core.handle([p])[0] for p in payloads]
+    assert [r.body for r in together] == [r.body for r in alone]
