@@ -12,6 +12,14 @@ from ts.metrics.metric_type_enum import MetricTypes
 log = logging.getLogger(__name__)
 
 
+def payload(row: dict) -> object:
+    """The request's content: the body, or the multipart field `data` (else the first field)."""
+    for key in ("data", "body"):
+        if row.get(key) is not None:
+            return row[key]
+    return next(iter(row.values()), None)
+
+
 class Handler:
     """TorchServe calls initialize(context) once per worker, then handle(batch, context)."""
 
@@ -32,7 +40,7 @@ class Handler:
         log.info("loaded %s on %s with %s", model["modelName"], settings.device, settings)
 
     def handle(self, data: list[dict], context) -> list[str]:
-        payloads = [row.get("data") if row.get("data") is not None else row.get("body") for row in data]
+        payloads = [payload(row) for row in data]
         results = self.classifier.handle(payloads)
         for idx, result in enumerate(results):
             if result.status != 200:

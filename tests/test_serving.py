@@ -2,21 +2,30 @@
 
 import base64
 import json
+import logging
 import shutil
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
 from handler import Handler
 from serving import ImageClassifier, InputError, Settings, decode_image, images_in
+from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
 from tests.conftest import png
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 class Context:
-    """What TorchServe hands a handler: manifest, system properties, model-config, response statuses."""
+    """What TorchServe hands a handler: manifest, system properties, model-config, response statuses,
+    and TorchServe's real metrics cache loaded from the bundle's metrics.yaml."""
 
     def __init__(self, model_dir, manifest: dict, model_yaml_config: dict) -> None:
+        self.metrics = MetricsCacheYamlImpl(str(ROOT / "metrics.yaml"))
+        self.metrics.initialize_cache()
+        self.metrics.model_name = manifest["model"]["modelName"]
         self.manifest = manifest
         self.system_properties = {"model_dir": str(model_dir), "gpu_id": None}
         self.model_yaml_config = model_yaml_config
@@ -127,6 +136,16 @@ def test_handler_adapter_sets_per_request_status(handler, test_split):
     assert context.statuses == {1: (400, "empty body: send an image")}
 
 
+def test_handler_emits_the_declared_metrics(handler, test_split, caplog):
+    h, context = handler
+    with caplog.at_level(logging.INFO, logger="ts.metrics.caching_metric"):
+        h.handle([{"body": png(test_split[0][0])}, {"body": b"junk"}], context)
+    lines = [r.getMessage() for r in caplog.records if "[METRICS]" in r.getMessage()]
+    emitted = {line.split("[METRICS]")[1].split(".")[0] for line in lines}
+    assert emitted == {"DecodeTime", "InferenceTime", "BatchSize", "TopConfidence", "Predictions", "RejectedRequests"}
+    assert any("Status:415" in line for line in lines)
+
+
 def test_images_in_rejects_non_string_base64():
     with pytest.raises(InputError, match="base64 string"):
         images_in({"data": 42})
@@ -137,3 +156,10 @@ def test_handler_files_import_without_torchserve(model_dir, tmp_path):
     shutil.copy(model_dir / "serving.py", tmp_path)
     assert "import ts" not in (tmp_path / "serving.py").read_text()
     assert "from ts" not in (tmp_path / "serving.py").read_text()
+
+
+def test_multipart_field_with_another_name_is_used(handler, test_split):
+    h, context = handler
+    good = png(test_split[0][2])
+    [named, other] = h.handle([{"data": good}, {"file": good}], context)
+    assert json.loads(named) == json.loads(other)
