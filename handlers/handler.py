@@ -40,6 +40,8 @@ class Handler:
         log.info("loaded %s on %s with %s", model["modelName"], settings.device, settings)
 
     def handle(self, data: list[dict], context) -> list[str]:
+        if context.get_request_header(0, "describe") == "True":  # GET /models/<name>?customized=true
+            return [json.dumps({"drift": self.classifier.drift_summary()})]
         payloads = [payload(row) for row in data]
         results = self.classifier.handle(payloads)
         for idx, result in enumerate(results):
@@ -67,3 +69,8 @@ class Handler:
             emit("Predictions", count, "count", MetricTypes.COUNTER, [Dimension("Label", label)])
         for status, count in Counter(r.status for r in results if r.status != 200).items():
             emit("RejectedRequests", count, "count", MetricTypes.COUNTER, [Dimension("Status", str(status))])
+        if batch.top:
+            emit("DriftTime", batch.drift_ms, "ms", MetricTypes.GAUGE)
+            drift = self.classifier.drift.scores() if self.classifier.drift else None
+            for feature, score in (drift or {}).items():
+                emit("DriftScore", score, "score", MetricTypes.GAUGE, [Dimension("Feature", feature)])

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from drift import DriftMonitor, Reference, features
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ class Settings:
     max_pixels: int = 16_000_000
     threads: int = 1
     device: str = "cpu"
+    drift: dict = field(default_factory=lambda: {"window": 500, "min_samples": 50, "threshold": 0.3})
 
     @classmethod
     def from_dict(cls, values: dict | None) -> "Settings":
@@ -128,6 +130,7 @@ class Batch:
 
     decode_ms: float = 0.0
     inference_ms: float = 0.0
+    drift_ms: float = 0.0
     top: list[tuple[str, float]] = field(default_factory=list)  # (label, probability) per answered image
 
 
@@ -135,7 +138,13 @@ class ImageClassifier:
     """Loads the TorchScript model once; answers batches of requests."""
 
     def __init__(
-        self, model_path: Path | str, labels: list[str], settings: Settings, name: str = "", version: str = ""
+        self,
+        model_path: Path | str,
+        labels: list[str],
+        settings: Settings,
+        name: str = "",
+        version: str = "",
+        reference: Reference | None = None,
     ) -> None:
         self.settings, self.labels, self.name, self.version = settings, labels, name, version
         self.device = torch.device(settings.device)
@@ -143,6 +152,8 @@ class ImageClassifier:
         self.model = torch.jit.load(str(model_path), map_location=self.device).eval()
         self.top_k = max(1, min(settings.top_k, len(labels)))
         self.last_batch = Batch()
+        drift = settings.drift
+        self.drift = DriftMonitor(reference, drift["window"], drift["min_samples"]) if reference else None
 
     @classmethod
     def from_dir(
@@ -151,7 +162,21 @@ class ImageClassifier:
         model_dir = Path(model_dir)
         index = json.loads((model_dir / "index_to_name.json").read_text())
         labels = [index[str(i)] for i in range(len(index))]
-        return cls(model_dir / model_file, labels, settings, name, version)
+        ref = model_dir / "drift_reference.json"
+        reference = Reference.load(ref) if ref.is_file() else None
+        return cls(model_dir / model_file, labels, settings, name, version, reference)
+
+    def drift_summary(self) -> dict:
+        """This worker's drift scores against the archive's reference, and which are over the threshold."""
+        if self.drift is None:
+            return {"status": "no reference in the archive"}
+        threshold = self.settings.drift["threshold"]
+        found = self.drift.scores()
+        summary = {"window": len(self.drift.values), "threshold": threshold, "scores": found}
+        if found is None:
+            return {**summary, "status": f"collecting: fewer than {self.drift.min_samples} images"}
+        drifted = sorted(name for name, score in found.items() if score > threshold)
+        return {**summary, "drifted": drifted, "status": "drift" if drifted else "ok"}
 
     def warm_up(self) -> None:
         self.predict([torch.zeros(3, 32, 32, dtype=torch.uint8)])
@@ -194,12 +219,18 @@ class ImageClassifier:
             owners += [r] * len(decoded)
         decoded_at = time.perf_counter()
         probs = self.predict(images) if images else torch.empty(0, len(self.labels))
+        inferred_at = time.perf_counter()
+        if self.drift is not None and images:
+            top = probs.max(dim=1)
+            self.drift.add(features(images), top.indices.tolist(), top.values.tolist())
+        tracked_at = time.perf_counter()
         answers: dict[int, list[dict]] = {}
         for owner, p in zip(owners, probs, strict=True):
             answers.setdefault(owner, []).append(self.answer(p))
         self.last_batch = Batch(
             decode_ms=(decoded_at - start) * 1e3,
-            inference_ms=(time.perf_counter() - decoded_at) * 1e3,
+            inference_ms=(inferred_at - decoded_at) * 1e3,
+            drift_ms=(tracked_at - inferred_at) * 1e3,
             top=[(a["label"], a["probability"]) for found in answers.values() for a in found],
         )
         for r, found in answers.items():

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 HANDLERS = Path(__file__).resolve().parent.parent / "handlers"
 HANDLER = HANDLERS / "handler.py"
-EXTRA = [HANDLERS / "serving.py"]
+EXTRA = [HANDLERS / "serving.py", HANDLERS / "drift.py"]
 
 
 class ArchiveError(RuntimeError):
@@ -67,8 +67,8 @@ def check(mar: Path, name: str, version: str, expected: set[str]) -> dict:
 
 def archive(cfg: DictConfig) -> Path:
     artifacts = Path(cfg.paths.artifacts)
-    model, labels = artifacts / "model.pt", artifacts / "index_to_name.json"
-    for path in (model, labels):
+    model, labels, reference = (artifacts / f for f in ("model.pt", "index_to_name.json", "drift_reference.json"))
+    for path in (model, labels, reference):
         if not path.is_file():
             raise ArchiveError(f"{path} not found: run `python -m training.export` first")
     target = Path(cfg.paths.model_store) / f"{cfg.name}.mar"
@@ -81,7 +81,7 @@ def archive(cfg: DictConfig) -> Path:
             "--version", str(cfg.version),
             "--serialized-file", str(model),
             "--handler", str(HANDLER),
-            "--extra-files", ",".join(str(p) for p in [labels, *EXTRA]),
+            "--extra-files", ",".join(str(p) for p in [labels, reference, *EXTRA]),
             "--config-file", str(config),
             "--export-path", tmp,
         ]  # fmt: skip
@@ -89,7 +89,7 @@ def archive(cfg: DictConfig) -> Path:
         if run.returncode != 0:
             raise ArchiveError(f"torch-model-archiver failed: {run.stderr.strip().splitlines()[-1:]}")
         built = Path(tmp) / f"{cfg.name}.mar"
-        expected = {"model.pt", HANDLER.name, labels.name, config.name, *(p.name for p in EXTRA)}
+        expected = {"model.pt", HANDLER.name, labels.name, reference.name, config.name, *(p.name for p in EXTRA)}
         check(built, cfg.name, str(cfg.version), expected)
         with atomic_path(target) as out:
             out.write_bytes(built.read_bytes())

@@ -3,7 +3,8 @@
 The graph is Kornia preprocessing + backbone + softmax. Input: uint8 RGB [B, 3, H, W] at any
 H, W (what the handler decodes); output: class probabilities [B, classes]. The file is checked
 against the eager model before it is written, and carries no device-bound constants.
-Writes to `paths.artifacts`: model.pt and index_to_name.json.
+Writes to `paths.artifacts`: model.pt, index_to_name.json and drift_reference.json (features of
+the validation images and the model's answers on them, for drift tracking while serving).
 """
 
 import logging
@@ -14,6 +15,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from handlers.drift import Reference
 from training.data import DataError, load_split
 from training.io import atomic_path, write_json
 from training.model import Classifier
@@ -75,6 +77,15 @@ def verify(scripted: nn.Module, eager: nn.Module, images: Tensor) -> float:
     return worst
 
 
+def reference(eager: nn.Module, data_dir: str) -> Reference:
+    """What served traffic should look like: the held-out validation images and the answers on them."""
+    images, _ = load_split(data_dir, "val")
+    rgb = as_rgb(images)
+    with torch.no_grad():
+        probs = torch.cat([eager(batch) for batch in rgb.split(256)])
+    return Reference.build(list(rgb), probs)
+
+
 def export(cfg: DictConfig) -> Path:
     out = Path(cfg.paths.artifacts)
     checkpoint = out / "model.ckpt"
@@ -93,6 +104,7 @@ def export(cfg: DictConfig) -> Path:
         torch.jit.save(scripted, str(tmp))
     classes = classifier.hparams.classes
     write_json(out / "index_to_name.json", {str(i): name for i, name in enumerate(classes)})
+    write_json(out / "drift_reference.json", reference(eager, cfg.paths.data).to_json())
     log.info("wrote %s (max abs diff vs eager %.1e at batch sizes %s)", out / "model.pt", diff, BATCH_SIZES)
     return out / "model.pt"
 
