@@ -5,39 +5,41 @@ the .mar) and every served image (handler), so the two are comparable. No TorchS
 """
 
 import json
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 FEATURES = ("brightness", "contrast", "sharpness", "width", "height")
-LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
 
 
 def features(images: list[torch.Tensor]) -> np.ndarray:
-    """uint8 RGB images [3, H, W] (any sizes) -> [N, len(FEATURES)]; vectorised per image size."""
+    """uint8 RGB images [3, H, W] (any sizes) -> [N, len(FEATURES)]; vectorised per image size.
+
+    brightness and contrast: mean and std of the gray image in [0, 1]; sharpness: mean absolute
+    difference between neighbouring pixels, across and down; width and height in pixels.
+    """
     out = np.zeros((len(images), len(FEATURES)), dtype=np.float64)
     by_size: dict[tuple, list[int]] = {}
     for i, img in enumerate(images):
         by_size.setdefault(tuple(img.shape), []).append(i)
     for (_, h, w), idx in by_size.items():
-        gray = torch.stack([images[i] for i in idx]).float().mean(dim=1, keepdim=True) / 255
-        lap = F.conv2d(F.pad(gray, (1, 1, 1, 1), mode="replicate"), LAPLACIAN.to(gray.device))
-        out[idx, 0] = gray.mean(dim=(1, 2, 3)).cpu().numpy()
-        out[idx, 1] = gray.std(dim=(1, 2, 3), unbiased=False).cpu().numpy()
-        out[idx, 2] = lap.abs().mean(dim=(1, 2, 3)).cpu().numpy()
+        gray = np.stack([images[i].cpu().numpy() for i in idx]).mean(axis=1, dtype=np.float32) / 255
+        across = np.abs(np.diff(gray, axis=2)).mean(axis=(1, 2)) if w > 1 else 0.0
+        down = np.abs(np.diff(gray, axis=1)).mean(axis=(1, 2)) if h > 1 else 0.0
+        out[idx, 0] = gray.mean(axis=(1, 2))
+        out[idx, 1] = gray.std(axis=(1, 2))
+        out[idx, 2] = across + down
         out[idx, 3], out[idx, 4] = w, h
     return out
 
 
-def ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
+def ks_statistic(a: np.ndarray, b: np.ndarray, b_sorted: bool = False) -> float:
     """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the two empirical CDFs."""
     if len(a) == 0 or len(b) == 0:
         return 0.0
-    a, b = np.sort(a), np.sort(b)
+    a, b = np.sort(a), (b if b_sorted else np.sort(b))
     grid = np.concatenate([a, b])
     cdf_a = np.searchsorted(a, grid, side="right") / len(a)
     cdf_b = np.searchsorted(b, grid, side="right") / len(b)
@@ -77,6 +79,11 @@ class Reference:
             confidence=probs.max(1).values[pick].numpy().round(6).tolist(),
         )
 
+    def __post_init__(self) -> None:
+        self.sorted = {name: np.sort(np.asarray(v, dtype=np.float64)) for name, v in self.features.items()}
+        self.sorted["confidence"] = np.sort(np.asarray(self.confidence, dtype=np.float64))
+        self.shares = np.asarray(self.class_shares, dtype=np.float64)
+
     def to_json(self) -> dict:
         return {"features": self.features, "class_shares": self.class_shares, "confidence": self.confidence}
 
@@ -87,29 +94,41 @@ class Reference:
 
 def scores(ref: Reference, values: np.ndarray, classes: np.ndarray, confidence: np.ndarray) -> dict[str, float]:
     """Drift of a sample against the reference: KS per feature and for confidence, JS for classes."""
-    out = {name: ks_statistic(values[:, j], np.asarray(ref.features[name])) for j, name in enumerate(FEATURES)}
-    out["confidence"] = ks_statistic(confidence, np.asarray(ref.confidence))
-    counts = np.bincount(classes.astype(int), minlength=len(ref.class_shares)).astype(float)
-    out["classes"] = js_divergence(counts, np.asarray(ref.class_shares)) if len(classes) else 0.0
+    out = {name: ks_statistic(values[:, j], ref.sorted[name], b_sorted=True) for j, name in enumerate(FEATURES)}
+    out["confidence"] = ks_statistic(confidence, ref.sorted["confidence"], b_sorted=True)
+    counts = np.bincount(classes.astype(int), minlength=len(ref.shares)).astype(float)
+    out["classes"] = js_divergence(counts, ref.shares) if len(classes) else 0.0
     return out
 
 
 class DriftMonitor:
-    """A bounded rolling window of what one worker served, scored against the reference."""
+    """A bounded rolling window (ring buffer) of what one worker served, scored against the reference."""
 
-    def __init__(self, ref: Reference, window: int = 500, min_samples: int = 50) -> None:
-        self.ref, self.min_samples = ref, min_samples
-        self.values: deque[np.ndarray] = deque(maxlen=window)
-        self.classes: deque[int] = deque(maxlen=window)
-        self.confidence: deque[float] = deque(maxlen=window)
+    def __init__(self, ref: Reference, window: int = 500, min_samples: int = 50, every: int = 16) -> None:
+        self.ref, self.min_samples, self.every = ref, min_samples, every
+        self.values = np.zeros((window, len(FEATURES)))
+        self.classes = np.zeros(window, dtype=np.int64)
+        self.confidence = np.zeros(window)
+        self.count = 0  # images seen; the window holds the last min(count, window)
+        self._scores: dict[str, float] | None = None
+        self._scored_at = 0
+
+    def __len__(self) -> int:
+        return min(self.count, len(self.classes))
 
     def add(self, values: np.ndarray, classes: list[int], confidence: list[float]) -> None:
-        self.values.extend(values)
-        self.classes.extend(classes)
-        self.confidence.extend(confidence)
+        window = len(self.classes)
+        for row, cls, conf in zip(values[-window:], classes[-window:], confidence[-window:], strict=True):
+            slot = self.count % window
+            self.values[slot], self.classes[slot], self.confidence[slot] = row, cls, conf
+            self.count += 1
 
     def scores(self) -> dict[str, float] | None:
-        """None until the window holds `min_samples` images."""
-        if len(self.values) < self.min_samples:
+        """None until the window holds `min_samples` images; recomputed every `every` new images."""
+        n = len(self)
+        if n < self.min_samples:
             return None
-        return scores(self.ref, np.stack(self.values), np.asarray(self.classes), np.asarray(self.confidence))
+        if self._scores is None or self.count - self._scored_at >= self.every:
+            self._scores = scores(self.ref, self.values[:n], self.classes[:n], self.confidence[:n])
+            self._scored_at = self.count
+        return self._scores

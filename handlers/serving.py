@@ -172,7 +172,7 @@ class ImageClassifier:
             return {"status": "no reference in the archive"}
         threshold = self.settings.drift["threshold"]
         found = self.drift.scores()
-        summary = {"window": len(self.drift.values), "threshold": threshold, "scores": found}
+        summary = {"window": len(self.drift), "threshold": threshold, "scores": found}
         if found is None:
             return {**summary, "status": f"collecting: fewer than {self.drift.min_samples} images"}
         drifted = sorted(name for name, score in found.items() if score > threshold)
