@@ -1,0 +1,46 @@
+#!/bin/sh
+# Container entrypoint: TorchServe's Java frontend becomes PID 1 (exec), in the foreground, so
+# SIGTERM from the engine or Cloud Run reaches it directly: its shutdown hook closes the ports and
+# stops the Python workers, and the container exits when the server does. `torchserve --start
+# --foreground` is not used: it keeps a Python parent that dies on SIGTERM and orphans Java.
+#
+# Environment: MODEL_NAME (baked in at build), MODEL_STORE, PORT (Cloud Run sets it; inference on
+# 0.0.0.0), MANAGEMENT_PORT, METRICS_PORT, GRPC_INFERENCE_PORT, GRPC_MANAGEMENT_PORT (loopback),
+# JAVA_OPTS (extra JVM flags). Defaults: docker/config.properties.
+set -eu
+
+TS_DIR=/opt/ts
+: "${MODEL_NAME:?set MODEL_NAME to the archive to serve (MODEL_STORE/MODEL_NAME.mar)}"
+: "${MODEL_STORE:=$TS_DIR/model-store}"
+if [ ! -f "$MODEL_STORE/$MODEL_NAME.mar" ]; then
+    echo "entrypoint: error: no archive $MODEL_STORE/$MODEL_NAME.mar (bake it in with --build-arg MODEL_NAME or mount a model store)" >&2
+    exit 2
+fi
+
+run_dir=$(mktemp -d)
+config="$run_dir/config.properties"
+{
+    cat "$TS_DIR/config.properties"
+    echo
+    # Later keys win in a Java properties file.
+    [ -z "${PORT:-}" ] || echo "inference_address=http://0.0.0.0:$PORT"
+    [ -z "${MANAGEMENT_PORT:-}" ] || echo "management_address=http://127.0.0.1:$MANAGEMENT_PORT"
+    [ -z "${METRICS_PORT:-}" ] || echo "metrics_address=http://127.0.0.1:$METRICS_PORT"
+    [ -z "${GRPC_INFERENCE_PORT:-}" ] || echo "grpc_inference_port=$GRPC_INFERENCE_PORT"
+    [ -z "${GRPC_MANAGEMENT_PORT:-}" ] || echo "grpc_management_port=$GRPC_MANAGEMENT_PORT"
+    echo "model_store=$MODEL_STORE"
+} > "$config"
+
+address() { sed -n "s/^$1=//p" "$config" | tail -n 1; }
+echo "entrypoint: serving $MODEL_NAME from $MODEL_STORE: inference $(address inference_address)," \
+    "management $(address management_address), metrics $(address metrics_address)"
+echo "entrypoint: token authorization is DISABLED in this container: Cloud Run IAM authenticates" \
+    "callers (deploy with --no-allow-unauthenticated); never publish $(address inference_address) without such a gate"
+
+ts_home=$(python -c 'import os, ts; print(os.path.dirname(os.path.dirname(ts.__file__)))')
+# shellcheck disable=SC2086  # JAVA_OPTS is a list of flags
+exec java -Dmodel_server_home="$ts_home" -Djava.io.tmpdir="$run_dir" \
+    -Dlog4j.configurationFile="file://$TS_DIR/log4j2.xml" ${JAVA_OPTS:-} \
+    -cp ".:$ts_home/ts/frontend/*" org.pytorch.serve.ModelServer \
+    --python "$(command -v python)" -f "$config" -s "$MODEL_STORE" \
+    -m "$MODEL_NAME=$MODEL_NAME.mar" -ncs

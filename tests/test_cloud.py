@@ -1,0 +1,207 @@
+"""Google Cloud deployment files, offline: they parse, agree with each other and with the config,
+and scripts/deploy.py prints the commands they describe. Nothing here talks to Google Cloud."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scripts import deploy, vertex_train
+from scripts.archive import read_manifest
+from scripts.serve import free_port, read_properties
+from training.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+CLOUD = ROOT / "cloud"
+BUILTINS = {"PROJECT_ID", "PROJECT_NUMBER", "LOCATION", "BUILD_ID", "COMMIT_SHA", "SHORT_SHA", "REVISION_ID"}
+BUILTINS |= {"REPO_NAME", "REPO_FULL_NAME", "BRANCH_NAME", "TAG_NAME", "TRIGGER_NAME", "SERVICE_ACCOUNT"}
+
+
+@pytest.fixture(scope="module")
+def default_cfg():
+    return load_config()
+
+
+@pytest.fixture(scope="module")
+def default_subs(default_cfg):
+    d = deploy.DEFAULTS
+    return deploy.substitutions(
+        default_cfg, d["region"], d["repository"], None, d["memory"], (d["min_instances"], d["max_instances"])
+    )
+
+
+@pytest.fixture(autouse=True)
+def no_cloud_env(monkeypatch):
+    for name in ("GOOGLE_CLOUD_PROJECT", "GOOGLE_CLOUD_REGION"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def resolve(value: str, subs: dict[str, str]) -> str:
+    """What Cloud Build makes of a string: $NAME and ${NAME} substituted, $$ -> $."""
+    value = re.sub(r"(?<!\$)\$\{?([A-Z_][A-Z0-9_]*)\}?", lambda m: subs[m.group(1)], value)
+    return value.replace("$$", "$")
+
+
+@pytest.mark.parametrize("path", sorted(CLOUD.glob("*.yaml")), ids=lambda p: p.name)
+def test_cloud_files_are_valid_yaml(path):
+    assert isinstance(yaml.safe_load(path.read_text()), dict)
+
+
+@pytest.mark.parametrize("name", ["cloudbuild.yaml", "cloudbuild-train.yaml"])
+def test_cloudbuild_substitutions_used_are_declared(name):
+    text = (CLOUD / name).read_text()
+    body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    body = body.replace("$$", "")  # escaped dollars are bash's
+    used = set(re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", body))
+    declared = set(yaml.safe_load(text)["substitutions"])
+    assert {u for u in used if u.startswith("_")} == declared
+    assert {u for u in used if not u.startswith("_")} <= BUILTINS, "unknown substitution (escape bash's $ as $$)"
+
+
+def test_cloudbuild_defaults_are_what_deploy_derives_from_the_config(default_subs):
+    declared = yaml.safe_load((CLOUD / "cloudbuild.yaml").read_text())["substitutions"]
+    assert {k: str(v) for k, v in declared.items()} == default_subs
+    train = yaml.safe_load((CLOUD / "cloudbuild-train.yaml").read_text())["substitutions"]
+    assert {k: str(v) for k, v in train.items()} == {k: default_subs[k] for k in train}
+
+
+def test_cloudbuild_deploys_exactly_what_deploy_py_prints(default_subs):
+    steps = {step["id"]: step for step in yaml.safe_load((CLOUD / "cloudbuild.yaml").read_text())["steps"]}
+    assert list(steps) == ["pull-archive", "build", "start", "smoke", "stop", "push", "deploy"]
+    subs = {**default_subs, "PROJECT_ID": "my-proj"}
+    step = steps["deploy"]
+    command = [step["entrypoint"], *(resolve(arg, subs) for arg in step["args"])]
+    assert command == deploy.run_deploy(default_subs, "my-proj")
+    assert "--no-allow-unauthenticated" in command
+    image = deploy.image_uri(default_subs, "my-proj")
+    assert resolve(steps["push"]["args"][1], subs) == image
+    assert resolve(steps["smoke"]["name"], subs) == image
+    assert f"--env=PORT={deploy.container_port()}" in steps["start"]["args"]
+
+
+def test_service_yaml_agrees_with_the_config(default_cfg, default_subs):
+    service = yaml.safe_load((CLOUD / "service.yaml").read_text())
+    template = service["spec"]["template"]
+    assert service["metadata"]["name"] == default_subs["_SERVICE"]
+    assert template["spec"]["containerConcurrency"] == deploy.concurrency(default_cfg.serve) == 16
+    assert template["spec"]["timeoutSeconds"] == int(default_subs["_TIMEOUT"])
+    annotations = template["metadata"]["annotations"]
+    assert annotations["autoscaling.knative.dev/minScale"] == default_subs["_MIN_INSTANCES"]
+    assert annotations["autoscaling.knative.dev/maxScale"] == default_subs["_MAX_INSTANCES"]
+    server = template["spec"]["containers"][0]
+    port = deploy.container_port()
+    assert server["image"].endswith(f"/{default_cfg.name}:{default_cfg.version}")
+    assert server["ports"][0]["containerPort"] == port == 8080
+    assert server["resources"]["limits"] == {"cpu": default_subs["_CPU"], "memory": default_subs["_MEMORY"]}
+    for probe in ("startupProbe", "livenessProbe"):
+        assert server[probe]["httpGet"] == {"path": "/ping", "port": port}, probe
+    collector = template["spec"]["containers"][1]
+    assert collector["volumeMounts"][0]["mountPath"] == "/etc/rungmp"
+
+
+def test_the_metrics_sidecar_scrapes_torchserve_metrics_port():
+    endpoint = yaml.safe_load((CLOUD / "runmonitoring.yaml").read_text())["spec"]["endpoints"][0]
+    metrics = read_properties(ROOT / "docker" / "config.properties")["metrics_address"]
+    assert metrics.endswith(f":{endpoint['port']}") and endpoint["path"] == "/metrics"
+
+
+def test_concurrency_and_cpus_follow_the_serve_section(default_cfg):
+    cfg = load_config(["serve.workers=2", "serve.batch_size=4", "serve.handler.threads=2"])
+    assert deploy.concurrency(cfg.serve) == 16 and deploy.cpus(cfg.serve) == 8
+    assert deploy.cpus(default_cfg.serve) == 2
+    with pytest.raises(deploy.DeployError, match="at most 8"):
+        deploy.cpus(load_config(["serve.workers=4", "serve.handler.threads=2"]).serve)
+
+
+def test_dry_run_prints_every_gcloud_command(capsys):
+    deploy.main(["serve", "--project", "my-proj", "--region", "us-central1", "--dry-run"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:3] for line in lines] == [
+        ["gcloud", "services", "enable"],
+        ["gcloud", "artifacts", "repositories"],
+        ["gcloud", "builds", "submit"],
+        ["gcloud", "run", "services"],
+    ]
+    assert "--config=cloud/cloudbuild.yaml" in lines[2] and "_REGION=us-central1" in lines[2]
+    assert "_CONCURRENCY=16" in lines[2] and "_MODEL_NAME=digits_cnn" in lines[2]
+
+    deploy.main(["serve", "--project", "my-proj", "--skip-build", "--dry-run", "model=resnet18"])
+    out = capsys.readouterr().out
+    assert "gcloud run deploy digits-resnet18 --project=my-proj" in out
+    assert "--image=europe-west1-docker.pkg.dev/my-proj/models/digits_resnet18:1.0" in out
+    assert "--port=8080 --cpu=2 --memory=2Gi --concurrency=16" in out and "--no-allow-unauthenticated" in out
+
+
+def test_train_dry_run_renders_the_vertex_job(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(deploy, "RENDERED", tmp_path)
+    deploy.main(["train", "--project", "my-proj", "--bucket", "my-bucket", "--dry-run", "trainer.max_epochs=3"])
+    out = capsys.readouterr().out
+    spec_path = tmp_path / "vertex-job.digits_cnn.yaml"
+    spec = yaml.safe_load(spec_path.read_text())
+    container = spec["workerPoolSpecs"][0]["containerSpec"]
+    assert container["imageUri"] == "europe-west1-docker.pkg.dev/my-proj/models/digits_cnn-train:1.0"
+    assert container["args"] == ["trainer.max_epochs=3"]
+    assert spec["baseOutputDirectory"]["outputUriPrefix"] == "gs://my-bucket/vertex/digits_cnn"
+    assert "--config=cloud/cloudbuild-train.yaml" in out
+    job = "gcloud ai custom-jobs create --project=my-proj --region=europe-west1 --display-name=digits_cnn-train"
+    assert f"{job} --config={spec_path}" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["serve"], "error: no GCP project: pass --project or set GOOGLE_CLOUD_PROJECT"),
+        (["serve", "--dry-run", "--min-instances", "4"], "error: --min-instances 4 / --max-instances 3"),
+        (["train", "--dry-run"], "error: train needs --bucket"),
+        (["serve", "--dry-run", "no_such_key=1"], "error: Could not override 'no_such_key'."),
+    ],
+)
+def test_bad_input_is_a_one_line_error(argv, message):
+    with pytest.raises(SystemExit) as exc:
+        deploy.main(argv)
+    assert str(exc.value).startswith(message) and "\n" not in str(exc.value)
+
+
+def test_dvc_has_a_gcs_remote_and_local_stays_the_default():
+    dvc = [str(Path(sys.executable).parent / "dvc")]
+    remotes = subprocess.run([*dvc, "remote", "list"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    urls = dict(line.split()[:2] for line in remotes.splitlines())
+    assert urls["gcs"].startswith("gs://")
+    default = subprocess.run([*dvc, "remote", "default"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert default.stdout.strip() == "local"
+    version = subprocess.run([*dvc, "version"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert re.search(r"\bgs \(gcsfs", version), "dvc-gs is not installed: the gcs remote would not work"
+
+
+def test_smoke_check_fails_clearly_without_a_server():
+    port = free_port()
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "docker" / "smoke.py"), f"http://127.0.0.1:{port}", "m", "--timeout", "1"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 1
+    assert run.stderr.startswith(f"smoke: FAILED: no prediction from http://127.0.0.1:{port}/predictions/m")
+
+
+def test_vertex_job_maps_its_model_dir_onto_the_gcs_mount():
+    assert vertex_train.output_dir({"AIP_MODEL_DIR": "gs://b/vertex/model/"}) == Path("/gcs/b/vertex/model")
+    assert vertex_train.output_dir({"OUTPUT_DIR": "/out", "AIP_MODEL_DIR": "gs://b/m"}) == Path("/out")
+    assert vertex_train.output_dir({}) is None
+    with pytest.raises(vertex_train.JobError, match="not a gs:// URI"):
+        vertex_train.output_dir({"AIP_MODEL_DIR": "/local/path"})
+
+
+def test_vertex_entrypoint_runs_the_pipeline_and_copies_the_outputs(tmp_path):
+    """The training image's entrypoint, in this process (1 epoch), as Vertex sets its environment."""
+    overrides = [f"paths.{key}={tmp_path}/{key}" for key in ("data", "artifacts", "model_store")]
+    overrides += ["trainer.max_epochs=1", "trainer.enable_progress_bar=false"]
+    env = {"AIP_MODEL_DIR": "gs://bucket/vertex/model/", "GCS_MOUNT": str(tmp_path / "gcs")}
+    written = vertex_train.run(overrides, env)
+    out = tmp_path / "gcs" / "bucket" / "vertex" / "model"
+    assert written == [out / name for name in ("digits_cnn.mar", "model.pt", "index_to_name.json", "metrics.json")]
+    assert all(path.stat().st_size > 0 for path in written)
+    assert read_manifest(out / "digits_cnn.mar")["model"]["modelName"] == "digits_cnn"
