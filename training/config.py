@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-def load_config(overrides: list[str] | None = None) -> DictConfig:
-    """Compose configs/config.yaml with command-line style overrides."""
+def load_config(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
+    """Compose configs/<config_name>.yaml (the root config by default) with command-line style overrides."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides or [])
+        return compose(config_name=config_name, overrides=overrides or [])

@@ -1,0 +1,219 @@
+"""monitoring/ with a real Prometheus scraping the session's real TorchServe.
+
+Prometheus is Debian's package (scripts/prometheus.py installs it when missing, as root), run as our
+own process on a free port with its own storage, 1 s scrape/evaluation intervals and every alert's
+`for:` set to 0s (a config derived from monitoring/prometheus.yml). Always stopped.
+"""
+
+import base64
+import json
+import os
+import re
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import torch
+import yaml
+
+from scripts.prometheus import (
+    ALERTS_YML,
+    PROMETHEUS_YML,
+    Prometheus,
+    PrometheusError,
+    derived_config,
+    install,
+    metrics_target,
+    promtool,
+)
+from tests.conftest import png
+from training.config import load_config
+from training.export import as_rgb
+from training.robustness import shift
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARD = ROOT / "monitoring" / "grafana-dashboard.json"
+COMPARISON = re.compile(r"\s*(>|<|==)\s*([0-9.]+)\s*$")
+
+
+def rules() -> dict[str, dict]:
+    return {
+        r.get("alert") or r["record"]: r for g in yaml.safe_load(ALERTS_YML.read_text())["groups"] for r in g["rules"]
+    }
+
+
+def threshold(expr: str) -> float:
+    return float(COMPARISON.search(expr).group(2))
+
+
+def dashboard_queries() -> dict[str, list[str]]:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return {p["title"]: [t["expr"].replace("$__rate_interval", "1m") for t in p["targets"]] for p in panels}
+
+
+def wait_for(check: Callable[[], object], what: str, timeout: float = 90) -> object:
+    """Poll `check` until it returns something truthy; fail with `what` and the last value."""
+    deadline, value = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"{what} not seen within {timeout:.0f} s (last: {value!r})")
+
+
+def post(server, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> int:
+    request = urllib.request.Request(
+        f"{server.url('inference')}/predictions/{next(iter(server.models))}",
+        data=body,
+        headers={"Content-Type": content_type, **(server.headers() if headers is None else headers)},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def send_pngs(server, images: torch.Tensor, workers: int = 8) -> list[int]:
+    """One image/png request per image, several in flight so that TorchServe batches them."""
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda image: post(server, png(image), "image/png"), images))
+
+
+def send_instances(server, images: torch.Tensor, per_request: int = 50) -> list[int]:
+    statuses = []
+    for start in range(0, len(images), per_request):
+        items = [{"b64": base64.b64encode(png(i)).decode()} for i in images[start : start + per_request]]
+        statuses.append(post(server, json.dumps({"instances": items}).encode(), "application/json"))
+    return statuses
+
+
+def firing(prom: Prometheus, alertname: str) -> list[dict]:
+    return [a for a in prom.alerts() if a["labels"]["alertname"] == alertname and a["state"] == "firing"]
+
+
+@pytest.fixture(scope="module")
+def binaries() -> tuple[str, str]:
+    try:
+        return install()
+    except PrometheusError as err:
+        pytest.skip(f"Prometheus cannot be installed here: {err}")
+
+
+@pytest.fixture(scope="module")
+def prom(binaries, server, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("prometheus")
+    config = derived_config(workdir, urlparse(server.url("metrics")).netloc, interval="1s", rule_for="0s")
+    prometheus = Prometheus(config, workdir)
+    try:
+        yield prometheus.start()
+    finally:
+        prometheus.stop()
+
+
+def test_promtool_accepts_the_config_and_rules_and_refuses_a_broken_rule(binaries, tmp_path):
+    assert "SUCCESS" in promtool("check", "config", str(PROMETHEUS_YML))
+    assert f"SUCCESS: {len(rules())} rules found" in promtool("check", "rules", str(ALERTS_YML))
+    derived = derived_config(tmp_path / "derived", "127.0.0.1:1", interval="1s", rule_for="0s")
+    assert "SUCCESS" in promtool("check", "config", str(derived))
+    broken = tmp_path / "broken.yml"
+    broken.write_text(yaml.safe_dump({"groups": [{"name": "x", "rules": [{"alert": "A", "expr": "DriftScore >"}]}]}))
+    with pytest.raises(PrometheusError, match="broken.yml"):
+        promtool("check", "rules", str(broken))
+
+
+def test_thresholds_and_target_have_one_source():
+    cfg = load_config([], "loadtest")
+    alerts = rules()
+    drift = cfg.serve.handler.drift.threshold
+    assert threshold(alerts["DriftDetected"]["expr"]) == drift
+    drift_panel = next(p for p in json.loads(DASHBOARD.read_text())["panels"] if "DriftScore" in str(p["targets"]))
+    assert drift_panel["fieldConfig"]["defaults"]["thresholds"]["steps"][-1]["value"] == drift
+    assert threshold(alerts["HighInferenceLatency"]["expr"]) == cfg.loadtest.slo.p99_ms
+    assert threshold(alerts["SlowBatchInference"]["expr"]) == cfg.loadtest.slo.p99_ms
+    assert threshold(alerts["HighQueueLatency"]["expr"]) == cfg.loadtest.slo.p95_ms
+    targets = yaml.safe_load(PROMETHEUS_YML.read_text())["scrape_configs"][0]["static_configs"][0]["targets"]
+    assert targets == [metrics_target()]
+
+
+def test_prometheus_scrapes_torchserve(prom, server, test_split):
+    assert set(send_pngs(server, as_rgb(test_split[0][:20]))) == {200}
+    target = wait_for(lambda: [t for t in prom.targets() if t["health"] == "up"], "an up scrape target")
+    assert target[0]["scrapeUrl"] == f"{server.url('metrics')}/metrics"
+    answered = wait_for(lambda: prom.query("sum(Predictions)"), "Predictions in Prometheus")
+    assert float(answered[0]["value"][1]) >= 20
+    assert prom.query("ts_inference_requests_total")[0]["metric"]["model_name"] == next(iter(server.models))
+
+
+def test_client_errors_fire_the_error_rate_alert(prom, server, test_split):
+    bad = png(as_rgb(test_split[0][:1])[0])
+    # A counter's first scraped value is not a rate: let Prometheus see Requests4XX before the burst.
+    assert post(server, bad, "image/png", {"Authorization": "Bearer wrong"}) == 400
+    wait_for(lambda: prom.query("Requests4XX"), "Requests4XX scraped")
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(
+            pool.map(lambda _: post(server, bad, "image/png", {"Authorization": "Bearer wrong"}), range(300))
+        )
+    assert set(statuses) == {400}
+    alert = wait_for(lambda: firing(prom, "HighClientErrorRate"), "HighClientErrorRate firing")
+    assert float(alert[0]["value"]) > threshold(rules()["HighClientErrorRate"]["expr"])
+
+
+def test_shifted_traffic_fires_the_drift_alert(prom, server, cfg, test_split):
+    drift = cfg.serve.handler.drift
+    model = next(iter(server.models))
+    clean = as_rgb(test_split[0]).repeat(2 + drift.window // len(test_split[0]), 1, 1, 1)[: drift.window]
+    assert set(send_instances(server, clean)) == {200}  # the worker's whole window is in-distribution now
+
+    def low_scores() -> dict[str, float] | None:
+        found = {r["metric"]["Feature"]: float(r["value"][1]) for r in prom.query(f'DriftScore{{ModelName="{model}"}}')}
+        return found if found and max(found.values()) < drift.threshold else None
+
+    low = wait_for(low_scores, "every DriftScore under the threshold")
+    assert set(low) == {"brightness", "contrast", "sharpness", "width", "height", "confidence", "classes"}
+    wait_for(lambda: not firing(prom, "DriftDetected"), "DriftDetected resolved on in-distribution traffic", 30)
+
+    images = as_rgb(test_split[0])
+    inverted = shift(images, "inversion", 1.0, torch.Generator())
+    brightened = shift(images, "brightness", 0.3, torch.Generator())
+    shifted = torch.cat([inverted, brightened])[: int(drift.window * 0.8)]  # 80% of the window
+    assert set(send_pngs(server, shifted)) == {200}
+    alerts = wait_for(lambda: firing(prom, "DriftDetected"), "DriftDetected firing")
+    features = {a["labels"]["Feature"] for a in alerts if a["labels"]["ModelName"] == model}
+    assert "brightness" in features
+    assert "width" not in features and "height" not in features  # same image sizes: no drift there
+    assert all(float(a["value"]) > drift.threshold for a in alerts)
+
+
+def test_every_alert_and_dashboard_query_is_valid_and_has_data(prom, server, test_split):
+    """Run after the traffic above: every metric an alert or a panel reads exists with these labels."""
+    assert set(send_pngs(server, as_rgb(test_split[0][:40]))) == {200}
+    time.sleep(3)  # two scrapes after the last requests, so rates have samples
+    for name, rule in rules().items():
+        expr = COMPARISON.sub("", rule["expr"])
+        assert prom.query(expr), f"{name}: `{expr}` has no data from a real TorchServe"
+    for title, queries in dashboard_queries().items():
+        results = [prom.query(q) for q in queries]  # raises on invalid PromQL
+        assert any(results), f"panel {title!r}: no query returns data"
+    log = (prom.workdir / "prometheus.log").read_text()
+    assert "Evaluating rule failed" not in log, log[-2000:]
+
+
+def test_a_killed_worker_fires_the_restart_alert(prom, server):
+    """Last: the worker's drift window starts empty after this. The server is READY again afterwards."""
+    model = next(iter(server.models))
+    pid = int(server.workers(model)[0]["pid"])
+    assert not firing(prom, "WorkerRestarted")
+    try:
+        os.kill(pid, signal.SIGKILL)
+        alert = wait_for(lambda: firing(prom, "WorkerRestarted"), "WorkerRestarted firing", 120)
+        assert model in alert[0]["labels"]["WorkerName"]
+    finally:
+        server.wait_ready(timeout=180)
+    assert int(server.workers(model)[0]["pid"]) != pid
