@@ -45,5 +45,33 @@ lint: $(STAMP)  ## ruff lint and format check
 format: $(STAMP)  ## ruff fix and format
 	ruff check --fix . && ruff format .
 
+.PHONY: container container-test
+container: $(STAMP) pipeline  ## build the serving image <name>:<version> (docker, else buildah; ARGS='--target train')
+	$(PY) -m scripts.container build $(ARGS)
+
+container-test: $(STAMP)  ## build and run the image for real: tests/test_container.py alone
+	$(PY) -m pytest tests/test_container.py $(ARGS)
+
+.PHONY: loadtest bench
+loadtest: $(STAMP) pipeline  ## Locust load test with SLO checks, configs/loadtest.yaml (ARGS='--users 32 --run-time 60')
+	$(PY) -m scripts.loadtest $(ARGS)
+
+bench: $(STAMP) pipeline  ## benchmark: in-process vs stock vs tuned TorchServe vs FastAPI, ~20 min (ARGS='--quick')
+	$(PY) -m scripts.bench $(ARGS)
+
+.PHONY: robustness drift monitoring monitoring-check
+robustness: $(STAMP)  ## accuracy under shifted inputs -> reports/robustness/<name>/ (table, plot, DVC metrics)
+	$(PY) -m training.robustness $(ARGS)
+
+drift: $(STAMP)  ## offline drift report: make drift IMAGES=<folder> (ARGS='--mar model_store/x.mar --fail-on-drift')
+	@test -n "$(IMAGES)" || { echo "usage: make drift IMAGES=<folder of PNG/JPEG images>"; exit 2; }
+	$(PY) -m scripts.drift_report $(IMAGES) $(ARGS)
+
+monitoring: $(STAMP)  ## Prometheus on :9090 with monitoring/alerts.yml, scraping the local TorchServe
+	$(PY) -m scripts.prometheus install && $(PY) -m scripts.prometheus run $(ARGS)
+
+monitoring-check: $(STAMP)  ## promtool check of monitoring/prometheus.yml and alerts.yml
+	$(PY) -m scripts.prometheus install && $(PY) -m scripts.prometheus check
+
 clean:  ## remove generated files (keeps .venv and DVC's cache)
 	rm -rf data/processed artifacts logs model_store/*.mar .coverage htmlcov .pytest_cache
