@@ -36,19 +36,18 @@ MALFORMED = ("empty", "not_an_image", "truncated", "bad_base64", "wrong_json", "
 
 @events.init_command_line_parser.add_listener
 def _arguments(parser) -> None:
-    group = parser
-    group.add_argument("--model", env_var="LOCUST_MODEL", default=str(DEFAULTS.model), help="model name in the URL")
-    group.add_argument("--data", env_var="LOCUST_DATA", default=str(DEFAULTS.data), help="dataset directory")
-    group.add_argument("--key-file", env_var="LOCUST_KEY_FILE", default=str(DEFAULTS.key_file), help="key_file.json")
-    group.add_argument("--token", env_var="LOCUST_TOKEN", default="", is_secret=True, help="inference token")
-    group.add_argument("--mix", env_var="LOCUST_MIX", default=str(DEFAULTS.mix), help="form weights, raw=7,json=1")
-    group.add_argument("--instances", env_var="LOCUST_INSTANCES", type=int, default=int(DEFAULTS.instances))
-    group.add_argument(
+    parser.add_argument("--model", env_var="LOCUST_MODEL", default=str(DEFAULTS.model), help="model name in the URL")
+    parser.add_argument("--data", env_var="LOCUST_DATA", default=str(DEFAULTS.data), help="dataset directory")
+    parser.add_argument("--key-file", env_var="LOCUST_KEY_FILE", default=str(DEFAULTS.key_file), help="key_file.json")
+    parser.add_argument("--token", env_var="LOCUST_TOKEN", default="", is_secret=True, help="inference token")
+    parser.add_argument("--mix", env_var="LOCUST_MIX", default=str(DEFAULTS.mix), help="form weights, raw=7,json=1")
+    parser.add_argument("--instances", env_var="LOCUST_INSTANCES", type=int, default=int(DEFAULTS.instances))
+    parser.add_argument(
         "--malformed-share", env_var="LOCUST_MALFORMED_SHARE", type=float, default=float(DEFAULTS.malformed_share)
     )
-    group.add_argument("--wait-min", env_var="LOCUST_WAIT_MIN", type=float, default=float(DEFAULTS.wait_s[0]))
-    group.add_argument("--wait-max", env_var="LOCUST_WAIT_MAX", type=float, default=float(DEFAULTS.wait_s[1]))
-    group.add_argument("--summary-json", env_var="LOCUST_SUMMARY_JSON", default="", include_in_web_ui=False)
+    parser.add_argument("--wait-min", env_var="LOCUST_WAIT_MIN", type=float, default=float(DEFAULTS.wait_s[0]))
+    parser.add_argument("--wait-max", env_var="LOCUST_WAIT_MAX", type=float, default=float(DEFAULTS.wait_s[1]))
+    parser.add_argument("--summary-json", env_var="LOCUST_SUMMARY_JSON", default="", include_in_web_ui=False)
 
 
 class Scenario:
@@ -66,10 +65,11 @@ class Scenario:
         self.path = f"/predictions/{options.model}"
         self.token = options.token or read_token(Path(options.key_file))
         self.forms, self.weights = zip(*parse_mix(options.mix).items(), strict=True)
-        self.instances = max(1, options.instances)
-        self.malformed_share = min(max(options.malformed_share, 0.0), 1.0)
+        self.instances = max(1, int(options.instances))  # the web UI may hand over strings
+        self.malformed_share = min(max(float(options.malformed_share), 0.0), 1.0)
         self.malformed = [m for m in MALFORMED if m != "bad_token" or self.token]
-        self.wait = (options.wait_min, max(options.wait_min, options.wait_max))
+        wait_min, wait_max = float(options.wait_min), float(options.wait_max)
+        self.wait = (wait_min, max(wait_min, wait_max))
 
 
 def b64(data: bytes) -> str:

@@ -353,6 +353,15 @@ def test_images(cfg) -> list[bytes]:
         return [encode(image) for image in f["images"]]
 
 
+def drain(model: Model, running: Running, image: bytes, timeout: float = 300) -> None:
+    """Wait until the server has answered what an ended Locust run left queued: TorchServe still works
+    through requests whose clients are gone, and the next measurement must not queue behind them."""
+    headers = {"Content-Type": "image/png", "Authorization": f"Bearer {running.token}"}
+    request = urllib.request.Request(f"{running.host}/predictions/{model.name}", data=image, headers=headers)
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        response.read()
+
+
 def locust(model: Model, running: Running, users: int, seconds: float) -> dict:
     options = {"model": model.name, "data": model.cfg.paths.data, "mix": "raw=1", "malformed_share": 0}
     options.update(wait_min=0, wait_max=0)
@@ -381,7 +390,9 @@ def bench_model(model: Model, servers: list[Server], bench, workdir: Path, resul
             )
             log(f"{model.key} {server.label} (repeat {repeat + 1}): ready after {running.ready_s:.1f} s")
             try:
+                image = results["_images"][model.key][0]
                 locust(model, running, max(server.users), bench.warmup_s)
+                drain(model, running, image)
                 for users in server.users:
                     load, cpu = os.getloadavg()[0], cpu_seconds(running.pid)
                     summary = locust(model, running, users, bench.run_time_s)
@@ -390,12 +401,13 @@ def bench_model(model: Model, servers: list[Server], bench, workdir: Path, resul
                     row = {"model": model.key, "server": server.label, "users": users, "repeat": repeat, "load1": load}
                     row.update({k: s[k] for k in ("count", "failures", "rps", "p50_ms", "p95_ms", "p99_ms")})
                     row["cpu_ms"] = cpu_ms
+                    drain(model, running, image)
                     results["runs"].append(row)
                     log(
                         f"  {users:>3} users: {s['rps']:7.0f} req/s  p50 {s['p50_ms']:6.1f}  p99 {s['p99_ms']:6.1f} ms"
                         f"  failures {s['failures']}  server CPU {cpu_ms:.2f} ms/req  (load {load:.1f})"
                     )
-            except LoadTestError as err:
+            except (LoadTestError, OSError) as err:
                 results["errors"].append(f"{model.key} {server.label}: {err}")
                 log(f"error: {results['errors'][-1]}")
             finally:

@@ -86,7 +86,7 @@ def test_service_yaml_agrees_with_the_config(default_cfg, default_subs):
     service = yaml.safe_load((CLOUD / "service.yaml").read_text())
     template = service["spec"]["template"]
     assert service["metadata"]["name"] == default_subs["_SERVICE"]
-    assert template["spec"]["containerConcurrency"] == deploy.concurrency(default_cfg.serve) == 16
+    assert template["spec"]["containerConcurrency"] == deploy.concurrency(default_cfg.serve)
     assert template["spec"]["timeoutSeconds"] == int(default_subs["_TIMEOUT"])
     annotations = template["metadata"]["annotations"]
     assert annotations["autoscaling.knative.dev/minScale"] == default_subs["_MIN_INSTANCES"]
@@ -116,7 +116,8 @@ def test_concurrency_and_cpus_follow_the_serve_section(default_cfg):
         deploy.cpus(load_config(["serve.workers=4", "serve.handler.threads=2"]).serve)
 
 
-def test_dry_run_prints_every_gcloud_command(capsys):
+def test_dry_run_prints_every_gcloud_command(capsys, default_cfg):
+    concurrency = deploy.concurrency(default_cfg.serve)
     deploy.main(["serve", "--project", "my-proj", "--region", "us-central1", "--dry-run"])
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[:3] for line in lines] == [
@@ -126,13 +127,15 @@ def test_dry_run_prints_every_gcloud_command(capsys):
         ["gcloud", "run", "services"],
     ]
     assert "--config=cloud/cloudbuild.yaml" in lines[2] and "_REGION=us-central1" in lines[2]
-    assert "_CONCURRENCY=16" in lines[2] and "_MODEL_NAME=digits_cnn" in lines[2]
+    assert f"_CONCURRENCY={concurrency}" in lines[2] and "_MODEL_NAME=digits_cnn" in lines[2]
 
     deploy.main(["serve", "--project", "my-proj", "--skip-build", "--dry-run", "model=resnet18"])
     out = capsys.readouterr().out
     assert "gcloud run deploy digits-resnet18 --project=my-proj" in out
     assert "--image=europe-west1-docker.pkg.dev/my-proj/models/digits_resnet18:1.0" in out
-    assert "--port=8080 --cpu=2 --memory=2Gi --concurrency=16" in out and "--no-allow-unauthenticated" in out
+    assert (
+        f"--port=8080 --cpu=2 --memory=2Gi --concurrency={concurrency}" in out and "--no-allow-unauthenticated" in out
+    )
 
 
 def test_train_dry_run_renders_the_vertex_job(tmp_path, monkeypatch, capsys):
