@@ -41,8 +41,9 @@ RUN /opt/venv/bin/pip install -r /tmp/requirements-serve.txt \
     && rm -rf "$torch/include" "$torch/test" "$torch"/bin/test_* "$torch"/bin/*Test "$torch"/bin/protoc* \
     && /opt/venv/bin/python -c "import torch, ts, PIL, numpy, yaml, psutil; print('torch', torch.__version__)"
 
-# ---- train: the whole project for a Vertex AI custom job (cloud/vertex-job.yaml). Not built by
-# the tests (it installs requirements.txt, whose torch is PyPI's multi-GB CUDA build).
+# ---- train: the project's packages for a Vertex AI custom job (cloud/vertex-job.yaml runs cloud/vertex.py).
+# Not built by the tests (it installs requirements.txt, whose torch is PyPI's multi-GB CUDA build);
+# tests/test_container.py checks that it copies every package the entrypoint imports.
 FROM python AS train
 ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
@@ -51,10 +52,15 @@ RUN apt-get update \
     && python3 -m venv /opt/venv
 COPY requirements.txt /app/
 RUN /opt/venv/bin/pip install --no-cache-dir -r /app/requirements.txt
+# One COPY per package (a COPY of several folders would merge their contents).
 COPY configs /app/configs
-COPY training /app/training
-COPY scripts /app/scripts
+COPY common /app/common
 COPY handlers /app/handlers
+COPY training /app/training
+COPY servers /app/servers
+COPY monitoring /app/monitoring
+COPY cloud /app/cloud
+COPY scripts /app/scripts
 WORKDIR /app
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1
 ENTRYPOINT ["python", "-m", "scripts.vertex_train"]

@@ -24,7 +24,7 @@ serve: $(STAMP) pipeline  ## build everything that changed, then serve it (Ctrl-
 test: $(STAMP)  ## the whole test suite, with coverage
 	$(PY) -m pytest --cov --cov-report=term-missing:skip-covered $(ARGS)
 
-pipeline: $(STAMP)  ## dvc repro: data -> train -> export -> archive, only what changed
+pipeline: $(STAMP)  ## dvc repro: data -> train -> export -> robustness -> archive, only what changed
 	dvc repro
 
 data: $(STAMP)  ## prepare the dataset (ARGS='data=folder data.root=...')
@@ -46,7 +46,7 @@ format: $(STAMP)  ## ruff fix and format
 	ruff check --fix . && ruff format .
 
 .PHONY: container container-test
-container: $(STAMP) pipeline  ## build the serving image <name>:<version> (docker, else buildah; ARGS='--target train')
+container: $(STAMP) pipeline  ## build the serving image <name>:<version> (docker, else buildah, installed if missing)
 	$(PY) -m scripts.container build $(ARGS)
 
 container-test: $(STAMP)  ## build and run the image for real: tests/test_container.py alone
@@ -61,7 +61,7 @@ bench: $(STAMP) pipeline  ## benchmark: in-process vs stock vs tuned TorchServe 
 
 .PHONY: robustness drift monitoring monitoring-check
 robustness: $(STAMP)  ## accuracy under shifted inputs -> reports/robustness/<name>/ (table, plot, DVC metrics)
-	$(PY) -m training.robustness $(ARGS)
+	$(PY) -m monitoring.robustness $(ARGS)
 
 drift: $(STAMP)  ## offline drift report: make drift IMAGES=<folder> (ARGS='--mar model_store/x.mar --fail-on-drift')
 	@test -n "$(IMAGES)" || { echo "usage: make drift IMAGES=<folder of PNG/JPEG images>"; exit 2; }
@@ -74,4 +74,4 @@ monitoring-check: $(STAMP)  ## promtool check of monitoring/prometheus.yml and a
 	$(PY) -m scripts.prometheus install && $(PY) -m scripts.prometheus check
 
 clean:  ## remove generated files (keeps .venv and DVC's cache)
-	rm -rf data/processed artifacts logs model_store/*.mar .coverage htmlcov .pytest_cache
+	rm -rf data/processed artifacts logs model_store/*.mar reports/robustness reports/drift .coverage htmlcov .pytest_cache

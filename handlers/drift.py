@@ -104,7 +104,7 @@ def scores(ref: Reference, values: np.ndarray, classes: np.ndarray, confidence: 
 class DriftMonitor:
     """A bounded rolling window (ring buffer) of what one worker served, scored against the reference."""
 
-    def __init__(self, ref: Reference, window: int = 500, min_samples: int = 50, every: int = 16) -> None:
+    def __init__(self, ref: Reference, window: int, min_samples: int, every: int = 16) -> None:
         self.ref, self.min_samples, self.every = ref, min_samples, every
         self.values = np.zeros((window, len(FEATURES)))
         self.classes = np.zeros(window, dtype=np.int64)

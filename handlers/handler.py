@@ -1,13 +1,14 @@
-"""TorchServe adapter over the serving core (serving.py, packed beside it in the .mar)."""
+"""TorchServe adapter over the serving core (handlers/classifier.py, packed beside it in the .mar)."""
 
 import json
 import logging
 from collections import Counter
 
 import torch
-from serving import ImageClassifier, Result, Settings
 from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
+
+from handlers.classifier import Batch, ImageClassifier, Settings
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +33,10 @@ class Handler:
         gpu = props.get("gpu_id")
         if gpu is not None and torch.cuda.is_available():
             settings.device = f"cuda:{gpu}"
+        torch.set_num_threads(settings.threads)  # this worker process only
         model = context.manifest["model"]
         self.classifier = ImageClassifier.from_dir(
-            props["model_dir"], model["serializedFile"], settings, model["modelName"], model.get("modelVersion", "")
+            props["model_dir"], settings, model["modelName"], model.get("modelVersion", ""), model["serializedFile"]
         )
         self.classifier.warm_up()
         log.info("loaded %s on %s with %s", model["modelName"], settings.device, settings)
@@ -42,32 +44,30 @@ class Handler:
     def handle(self, data: list[dict], context) -> list[str]:
         if context.get_request_header(0, "describe") == "True":  # GET /models/<name>?customized=true
             return [json.dumps({"drift": self.classifier.drift_summary()})]
-        payloads = [payload(row) for row in data]
-        results = self.classifier.handle(payloads)
-        for idx, result in enumerate(results):
+        batch = self.classifier.run([payload(row) for row in data])
+        for idx, result in enumerate(batch.results):
             if result.status != 200:
                 context.set_response_status(result.status, result.body["error"], idx)
-        self.record(context.metrics, results)
-        return [json.dumps(r.body) for r in results]
+        self.record(context.metrics, batch)
+        return [json.dumps(r.body) for r in batch.results]
 
-    def record(self, metrics, results: list[Result]) -> None:
+    def record(self, metrics, batch: Batch) -> None:
         """Custom metrics, declared in the bundle's metrics.yaml so that Prometheus exports them."""
         if metrics is None:
             return
         dims = [Dimension("ModelName", self.classifier.name), Dimension("Level", "Model")]
-        batch = self.classifier.last_batch
 
         def emit(name: str, value: float, unit: str, kind: MetricTypes, extra: list[Dimension] = ()) -> None:
             metrics.add_metric(name, value, unit, dimensions=[*dims, *extra], metric_type=kind)
 
         emit("DecodeTime", batch.decode_ms, "ms", MetricTypes.GAUGE)
         emit("InferenceTime", batch.inference_ms, "ms", MetricTypes.GAUGE)
-        emit("BatchSize", len(results), "count", MetricTypes.HISTOGRAM)
+        emit("BatchSize", len(batch.results), "count", MetricTypes.HISTOGRAM)
         for _, probability in batch.top:
             emit("TopConfidence", probability, "ratio", MetricTypes.HISTOGRAM)
         for label, count in Counter(label for label, _ in batch.top).items():
             emit("Predictions", count, "count", MetricTypes.COUNTER, [Dimension("Label", label)])
-        for status, count in Counter(r.status for r in results if r.status != 200).items():
+        for status, count in Counter(r.status for r in batch.results if r.status != 200).items():
             emit("RejectedRequests", count, "count", MetricTypes.COUNTER, [Dimension("Status", str(status))])
         if batch.top:
             emit("DriftTime", batch.drift_ms, "ms", MetricTypes.GAUGE)

@@ -5,326 +5,18 @@
     python -m scripts.container run                   # serve it on PORT (default 8080) until Ctrl-C
     python -m scripts.container tag                   # print the image tag
 
-Where the base image cannot be pulled (no registry access), buildah gets a local stand-in for it:
-`debootstrap --variant=minbase bookworm`, committed once under the base image's name and kept.
-The machine's own pip settings (index, find-links, CA bundle, constraints) are passed to buildah
-builds as read-only mounts, and a CPU-only torch wheel found in its find-links is used as is.
+Without a docker daemon, buildah and debootstrap are installed when missing (root, or sudo).
+The library is servers/container.py.
 """
 
 import argparse
-import json
-import os
-import re
-import shlex
-import shutil
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
-import psutil
-
-ROOT = Path(__file__).resolve().parent.parent
-DOCKERFILE = ROOT / "Dockerfile"
-REQUIREMENTS = ROOT / "requirements.txt"
-REQUIREMENTS_SERVE = ROOT / "requirements-serve.txt"
-DEBIAN_MIRROR = "http://deb.debian.org/debian"
-PIP_KEYS = {  # pip config key -> build arg (declared in the Dockerfile's builder stage)
-    "index-url": "PIP_INDEX_URL",
-    "extra-index-url": "PIP_EXTRA_INDEX_URL",
-    "find-links": "PIP_FIND_LINKS",
-    "cert": "PIP_CERT",
-    "constraint": "PIP_CONSTRAINT",
-}
-# What the official debian:*-slim images configure; the stand-in mirrors it to stay as small.
-SLIM_DPKG = """path-exclude /usr/share/doc/*
-path-include /usr/share/doc/*/copyright
-path-exclude /usr/share/man/*
-path-exclude /usr/share/info/*
-path-exclude /usr/share/locale/*
-path-exclude /usr/share/lintian/*
-"""
-SLIM_APT = """DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/*.bin || true"; };
-APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/*.bin || true"; };
-Dir::Cache::pkgcache ""; Dir::Cache::srcpkgcache "";
-"""
-
-
-class ContainerError(RuntimeError):
-    """A build or run step failed; the message says which and what to do."""
-
-
-def sh(cmd: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
-    run = subprocess.run(cmd, text=True, **kw)
-    if check and run.returncode != 0:
-        tail = (run.stderr or run.stdout or "").strip().splitlines()[-3:] if kw.get("capture_output") else []
-        raise ContainerError(f"`{shlex.join(cmd[:4])} ...` failed with code {run.returncode}: {' | '.join(tail)}")
-    return run
-
-
-def dockerfile_arg(name: str, path: Path = DOCKERFILE) -> str:
-    """The default of `ARG name=value` in the Dockerfile (its first declaration)."""
-    match = re.search(rf"^ARG {name}=(\S*)$", path.read_text(), re.M)
-    if not match:
-        raise ContainerError(f"{path} declares no default for ARG {name}")
-    return match.group(1)
-
-
-def pins(path: Path) -> dict[str, str]:
-    """`name==version` lines of a requirements file, names lower-cased."""
-    found = {}
-    for line in path.read_text().splitlines():
-        if "==" in line and not line.lstrip().startswith("#"):
-            name, version = line.split("#")[0].strip().split("==")
-            found[name.strip().lower()] = version.strip()
-    return found
-
-
-def image_tag(overrides: list[str] | None = None) -> tuple[str, str]:
-    """(model name, `<name>:<version>`) from the Hydra config."""
-    from training.config import load_config
-
-    cfg = load_config(overrides)
-    return cfg.name, f"{cfg.name}:{cfg.version}"
-
-
-def docker_works() -> bool:
-    if not shutil.which("docker"):
-        return False
-    return sh(["docker", "info"], check=False, capture_output=True, timeout=30).returncode == 0
-
-
-def install_buildah() -> None:
-    """apt-get install buildah and debootstrap where they are missing (root on Debian/Ubuntu only)."""
-    missing = [tool for tool in ("buildah", "debootstrap") if not shutil.which(tool)]
-    if not missing:
-        return
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise ContainerError(f"{' and '.join(missing)} missing and cannot be installed here (needs root and apt-get)")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    sh(["apt-get", "update", "-qq"], env=env, capture_output=True)
-    sh(["apt-get", "install", "-y", "-qq", *missing], env=env, capture_output=True)
-
-
-def engine(name: str = "auto") -> str:
-    """docker if its daemon answers, else buildah; `name` forces one."""
-    if name == "docker" or (name == "auto" and docker_works()):
-        return "docker"
-    if shutil.which("buildah"):
-        return "buildah"
-    raise ContainerError("no container engine: start docker, or `apt-get install buildah debootstrap`")
-
-
-def buildah_image(ref: str) -> dict | None:
-    run = sh(["buildah", "inspect", "--type", "image", ref], check=False, capture_output=True)
-    return json.loads(run.stdout) if run.returncode == 0 else None
-
-
-def ensure_base(base: str | None = None) -> str:
-    """The base image for buildah: present, else pulled, else a debootstrap stand-in (kept for next time)."""
-    base = base or dockerfile_arg("BASE_IMAGE")
-    if buildah_image(base):
-        return "present"
-    if sh(["buildah", "pull", base], check=False, capture_output=True, timeout=300).returncode == 0:
-        return "pulled"
-    suite = base.rsplit(":", 1)[-1].split("-")[0]  # debian:bookworm-slim -> bookworm
-    if not shutil.which("debootstrap"):
-        raise ContainerError(f"cannot pull {base} and debootstrap is missing: `apt-get install debootstrap`")
-    ctr = sh(["buildah", "from", "scratch"], capture_output=True).stdout.strip()
-    try:
-        root = Path(sh(["buildah", "mount", ctr], capture_output=True).stdout.strip())
-        (root / "etc/dpkg/dpkg.cfg.d").mkdir(parents=True)
-        (root / "etc/dpkg/dpkg.cfg.d/docker").write_text(SLIM_DPKG)
-        sh(["debootstrap", "--variant=minbase", suite, str(root), DEBIAN_MIRROR], capture_output=True)
-        (root / "etc/apt/apt.conf.d/docker-clean").write_text(SLIM_APT)
-        for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
-            for path in (root / junk).glob("*"):
-                if path.is_file():
-                    path.unlink()
-        sh(["buildah", "config", "--cmd", "bash", ctr], capture_output=True)
-        sh(["buildah", "commit", "--quiet", ctr, base], capture_output=True)
-    finally:
-        sh(["buildah", "rm", ctr], check=False, capture_output=True)
-    return "debootstrap"
-
-
-def pip_settings() -> dict[str, str]:
-    """This machine's pip settings that say where packages come from (files and environment)."""
-    listing = sh([sys.executable, "-m", "pip", "config", "list"], capture_output=True).stdout
-    settings = {}
-    for line in listing.splitlines():  # e.g. global.find-links='/opt/wheels'; env vars come as :env:.key
-        match = re.match(r"^.*?\.([a-z-]+)='(.*)'$", line)
-        if match and match.group(1) in PIP_KEYS:
-            settings[match.group(1)] = match.group(2)
-    return settings
-
-
-def pip_build_args(settings: dict[str, str]) -> tuple[dict[str, str], list[str]]:
-    """pip settings as build args, every local path they name mounted read-only under /mnt/host-pip."""
-    args, mounts = {}, {}
-    for key, value in settings.items():
-        words = []
-        for word in value.split():
-            path = local_path(word).rstrip("/")
-            if os.path.isabs(path) and os.path.exists(path):
-                # A local index's pages link to files beside it (../../files/x.whl): mount its parent.
-                folder, leaf = os.path.split(path) if key.endswith("index-url") else (path, "")
-                target = mounts.setdefault(folder, f"/mnt/host-pip/{len(mounts)}")
-                word = word.replace(path, os.path.join(target, leaf).rstrip("/"))
-            words.append(word)
-        args[PIP_KEYS[key]] = " ".join(words)
-    return args, [f"{path}:{target}:ro" for path, target in mounts.items()]
-
-
-def local_path(word: str) -> str:
-    return urlparse(word).path if word.startswith("file://") else word
-
-
-def local_cpu_torch(find_links: str) -> str | None:
-    """The version of a CPU-only CPython 3.11 torch wheel in these find-links folders, if any."""
-    for folder in map(Path, map(local_path, find_links.split())):
-        wheels = sorted(folder.glob("torch-*+cpu-cp311-*linux*x86_64.whl")) if folder.is_dir() else []
-        if wheels:
-            return wheels[-1].name.split("-")[1]
-    return None
-
-
-def build(
-    target: str = "runtime",
-    tag: str | None = None,
-    model_name: str | None = None,
-    models_dir: Path | None = None,
-    engine_name: str = "auto",
-    torch_version: str = "auto",
-    host_pip_settings: bool = True,
-    log: Path | None = None,
-) -> str:
-    """Build `target`; return the tag. `models_dir` replaces the `models` stage (a folder with <name>.mar)."""
-    name, default_tag = image_tag()
-    model_name = model_name or name
-    tag = tag or (default_tag if target == "runtime" else default_tag.replace(":", "-train:", 1))
-    mar = (Path(models_dir) if models_dir else ROOT / "model_store") / f"{model_name}.mar"
-    if target == "runtime" and not mar.is_file():
-        raise ContainerError(f"no archive {mar}: run `make archive` (or `dvc repro`) first")
-    tool = engine(engine_name)
-    args = {"MODEL_NAME": model_name}
-    volumes: list[str] = []
-    settings = pip_settings() if tool == "buildah" and host_pip_settings else {}
-    if tool == "buildah":
-        print(f"base image {dockerfile_arg('BASE_IMAGE')}: {ensure_base()}", flush=True)
-        pip_args, volumes = pip_build_args(settings)
-        args.update(pip_args)
-    if torch_version == "auto":
-        torch_version = pins(REQUIREMENTS)["torch"]
-        local = local_cpu_torch(settings.get("find-links", ""))
-        if local:
-            print(f"using the local CPU wheel torch=={local} (requirements.txt pins {torch_version})", flush=True)
-            torch_version, args["TORCH_INDEX_URL"] = local, ""
-    args["TORCH_VERSION"] = torch_version
-    if tool == "docker":
-        cmd = ["docker", "build"]
-    else:
-        cmd = ["buildah", "build", "--layers", "--jobs", "2", "--isolation", "chroot"]  # builder || runtime
-    cmd += ["-f", str(DOCKERFILE), "--target", target, "-t", tag]
-    cmd += [f"--build-arg={k}={v}" for k, v in args.items()]
-    cmd += [f"--volume={v}" for v in volumes]
-    if models_dir is not None:
-        cmd += [f"--build-context=models={Path(models_dir).resolve()}"]
-    cmd.append(str(ROOT))
-    out = open(log, "w") if log else None
-    try:
-        run = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, text=True)
-    finally:
-        if out:
-            out.close()
-    if run.returncode != 0:
-        raise ContainerError(f"{tool} build failed with code {run.returncode}" + (f": see {log}" if log else ""))
-    return tag
-
-
-def image_size(tag: str, engine_name: str = "auto") -> int:
-    """Bytes of the image's layers, uncompressed."""
-    if engine(engine_name) == "docker":
-        return int(sh(["docker", "image", "inspect", "-f", "{{.Size}}", tag], capture_output=True).stdout)
-    human = json.loads(sh(["buildah", "images", "--json", tag], capture_output=True).stdout)[0]["size"]
-    number, unit = human.split()  # buildah prints SI units only: "1.24 GB"
-    return int(float(number) * 1000 ** ["B", "KB", "MB", "GB", "TB"].index(unit.upper()))
-
-
-class Container:
-    """The image's own entrypoint on the host network (docker --network host, or buildah run).
-
-    stop() does what an engine's `stop` does: SIGTERM to the container's first process, then
-    SIGKILL after `grace` seconds; remove() always cleans up.
-    """
-
-    def __init__(self, tag: str, env: dict[str, str], log: Path, engine_name: str = "auto") -> None:
-        self.tag, self.env, self.log = tag, env, Path(log)
-        self.engine = engine(engine_name)
-        self.name = f"ctr-{os.getpid()}-{int(time.time() * 1000)}"
-        self.proc: subprocess.Popen | None = None
-        self.ctr: str | None = None
-
-    def start(self) -> "Container":
-        env_flags = [f"--env={k}={v}" for k, v in self.env.items()]
-        if self.engine == "docker":
-            cmd = ["docker", "run", "--name", self.name, "--network", "host", *env_flags, self.tag]
-        else:
-            config = buildah_image(self.tag)["OCIv1"]["config"]
-            entrypoint = (config.get("Entrypoint") or []) + (config.get("Cmd") or [])
-            self.ctr = sh(["buildah", "from", "--pull-never", "--name", self.name, self.tag], capture_output=True)
-            self.ctr = self.ctr.stdout.strip()
-            cmd = ["buildah", "run", "--isolation", "chroot", *env_flags, self.ctr, "--", *entrypoint]
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        return self
-
-    def first_process(self) -> psutil.Process | None:
-        """The container's PID 1 as the host sees it (buildah's chroot runs it below buildah-chroot-exec)."""
-        if self.engine == "docker":
-            pid = sh(["docker", "inspect", "-f", "{{.State.Pid}}", self.name], check=False, capture_output=True)
-            return psutil.Process(int(pid.stdout)) if pid.returncode == 0 and int(pid.stdout or 0) else None
-        try:
-            for child in psutil.Process(self.proc.pid).children(recursive=True):
-                if child.name() == "buildah-chroot-exec" or "buildah-chroot-exec" in child.cmdline()[:1]:
-                    return next(iter(child.children()), None)
-        except psutil.Error:
-            pass
-        return None
-
-    def stop(self, grace: float = 10) -> int:
-        """SIGTERM the first process; return the engine's exit code (SIGKILL after `grace` seconds)."""
-        if self.engine == "docker":  # the daemon signals PID 1, whoever owns it
-            subprocess.run(["docker", "stop", f"--time={grace:.0f}", self.name], capture_output=True, check=False)
-        elif (first := self.first_process()) is not None:
-            first.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise ContainerError(f"the container did not exit within {grace:.0f} s of SIGTERM") from None
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            for process in psutil.Process(self.proc.pid).children(recursive=True):
-                process.kill()
-            self.proc.kill()
-            self.proc.wait()
-
-    def remove(self) -> None:
-        self.kill()
-        if self.engine == "docker":
-            sh(["docker", "rm", "-f", self.name], check=False, capture_output=True)
-        elif self.ctr:
-            sh(["buildah", "rm", self.ctr], check=False, capture_output=True)
-
-    def __enter__(self) -> "Container":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
+from common.cli import one_line_errors
+from servers.container import Container, ContainerError, build, image_size, image_tag
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -343,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     for p in (b, r):
         p.add_argument("--engine", default="auto", choices=["auto", "docker", "buildah"], help="container engine")
     args = parser.parse_args(argv)
-    try:
+    with one_line_errors():
         if args.command == "tag":
             print(image_tag()[1])
         elif args.command == "build":
@@ -355,14 +47,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"built {tag} ({size:.2f} GB) in {time.monotonic() - start:.0f} s")
         else:
             tag = args.tag or image_tag()[1]
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
             with Container(tag, {"PORT": str(args.port)}, Path("/dev/stdout"), args.engine) as ctr:
                 print(f"serving {tag} on http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
                 try:
                     ctr.proc.wait()
                 except KeyboardInterrupt:
-                    ctr.stop()
-    except (ContainerError, subprocess.TimeoutExpired) as err:
-        raise SystemExit(f"error: {err}") from None
+                    print("\nstopping ...", flush=True)
 
 
 if __name__ == "__main__":

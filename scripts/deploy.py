@@ -9,171 +9,15 @@ Model name and version come from the Hydra config, the port from docker/config.p
 Cloud Run concurrency and CPU from the `serve:` section; project and region from the flags or
 GOOGLE_CLOUD_PROJECT / GOOGLE_CLOUD_REGION. `serve` builds, smoke-tests, pushes and deploys
 through Cloud Build (cloud/cloudbuild.yaml), whose `gcloud run deploy` is the one printed here.
+The library is cloud/deploy.py.
 """
 
 import argparse
 import os
-import shlex
-import shutil
-import subprocess
-from pathlib import Path
-from urllib.parse import urlparse
 
-import yaml
-from hydra.errors import HydraException
-from omegaconf.errors import OmegaConfBaseException
-
-from scripts.serve import read_properties
-from training.config import load_config
-from training.io import atomic_path
-
-ROOT = Path(__file__).resolve().parent.parent
-CLOUDBUILD = ROOT / "cloud" / "cloudbuild.yaml"
-CLOUDBUILD_TRAIN = ROOT / "cloud" / "cloudbuild-train.yaml"
-VERTEX_JOB = ROOT / "cloud" / "vertex-job.yaml"
-CONTAINER_CONFIG = ROOT / "docker" / "config.properties"
-RENDERED = ROOT / "logs" / "deploy"
-CLOUD_RUN_CPUS = (1, 2, 4, 8)
-APIS = ["run.googleapis.com", "artifactregistry.googleapis.com", "cloudbuild.googleapis.com"]
-# Cloud defaults (flags override); cloud/cloudbuild.yaml and cloud/service.yaml carry the same values.
-DEFAULTS = {"region": "europe-west1", "repository": "models", "memory": "2Gi", "min_instances": 0, "max_instances": 3}
-
-
-class DeployError(RuntimeError):
-    """Settings that cannot be deployed; the message says which."""
-
-
-def container_port() -> int:
-    return urlparse(read_properties(CONTAINER_CONFIG)["inference_address"]).port
-
-
-def concurrency(serve) -> int:
-    """Requests Cloud Run sends one instance at once: per worker, one batch running and one filling."""
-    return serve.workers * serve.batch_size * 2
-
-
-def cpus(serve) -> int:
-    """One core per worker thread plus one for the Java frontend, rounded up to a Cloud Run size."""
-    need = serve.workers * serve.handler.threads + 1
-    fits = [n for n in CLOUD_RUN_CPUS if n >= need]
-    if not fits:
-        raise DeployError(f"serve.workers x serve.handler.threads + 1 = {need} CPUs: Cloud Run offers at most 8")
-    return fits[0]
-
-
-def substitutions(cfg, region: str, repository: str, service: str | None, memory: str, instances: tuple[int, int]):
-    """Cloud Build's user substitutions (cloud/cloudbuild.yaml declares the same keys)."""
-    if instances[0] > instances[1] or instances[1] < 1:
-        raise DeployError(
-            f"--min-instances {instances[0]} / --max-instances {instances[1]}: need 0 <= min <= max, 1 <= max"
-        )
-    return {
-        "_REGION": region,
-        "_REPOSITORY": repository,
-        "_SERVICE": service or cfg.name.replace("_", "-").lower(),
-        "_MODEL_NAME": cfg.name,
-        "_MODEL_VERSION": str(cfg.version),
-        "_DVC_REMOTE": "gcs",
-        "_CPU": str(cpus(cfg.serve)),
-        "_MEMORY": memory,
-        "_CONCURRENCY": str(concurrency(cfg.serve)),
-        "_MIN_INSTANCES": str(instances[0]),
-        "_MAX_INSTANCES": str(instances[1]),
-        "_TIMEOUT": str(2 * cfg.serve.response_timeout_s),  # TorchServe answers or gives up first
-    }
-
-
-def image_uri(subs: dict[str, str], project: str, suffix: str = "") -> str:
-    s = subs
-    return (
-        f"{s['_REGION']}-docker.pkg.dev/{project}/{s['_REPOSITORY']}/{s['_MODEL_NAME']}{suffix}:{s['_MODEL_VERSION']}"
-    )
-
-
-def run_deploy(subs: dict[str, str], project: str) -> list[str]:
-    """`gcloud run deploy` exactly as cloud/cloudbuild.yaml's deploy step runs it."""
-    s = subs
-    return [
-        "gcloud", "run", "deploy", s["_SERVICE"],
-        f"--project={project}",
-        f"--image={image_uri(s, project)}",
-        f"--region={s['_REGION']}",
-        f"--port={container_port()}",
-        f"--cpu={s['_CPU']}",
-        f"--memory={s['_MEMORY']}",
-        f"--concurrency={s['_CONCURRENCY']}",
-        f"--min-instances={s['_MIN_INSTANCES']}",
-        f"--max-instances={s['_MAX_INSTANCES']}",
-        f"--timeout={s['_TIMEOUT']}",
-        "--cpu-boost",
-        "--no-allow-unauthenticated",
-    ]  # fmt: skip
-
-
-def serve_commands(subs: dict[str, str], project: str, skip_build: bool) -> list[list[str]]:
-    region, repository = subs["_REGION"], subs["_REPOSITORY"]
-    commands = [
-        ["gcloud", "services", "enable", *APIS, f"--project={project}"],
-        ["gcloud", "artifacts", "repositories", "create", repository, "--repository-format=docker",
-         f"--location={region}", f"--project={project}"],
-    ]  # fmt: skip
-    if skip_build:
-        commands.append(run_deploy(subs, project))
-    else:
-        pairs = ",".join(f"{k}={v}" for k, v in subs.items())
-        config = str(CLOUDBUILD.relative_to(ROOT))
-        commands.append(
-            [
-                "gcloud",
-                "builds",
-                "submit",
-                f"--project={project}",
-                f"--config={config}",
-                f"--substitutions={pairs}",
-                ".",
-            ]
-        )
-    commands.append(
-        ["gcloud", "run", "services", "describe", subs["_SERVICE"], f"--project={project}", f"--region={region}",
-         "--format=value(status.url)"]
-    )  # fmt: skip
-    return commands
-
-
-def vertex_spec(subs: dict[str, str], project: str, bucket: str, machine: str, overrides: list[str]) -> dict:
-    """cloud/vertex-job.yaml with this project's image, output bucket, machine and Hydra overrides."""
-    spec = yaml.safe_load(VERTEX_JOB.read_text())
-    pool = spec["workerPoolSpecs"][0]
-    pool["machineSpec"]["machineType"] = machine
-    pool["containerSpec"]["imageUri"] = image_uri(subs, project, "-train")
-    pool["containerSpec"]["args"] = list(overrides)
-    spec["baseOutputDirectory"]["outputUriPrefix"] = f"gs://{bucket}/vertex/{subs['_MODEL_NAME']}"
-    return spec
-
-
-def train_commands(subs: dict[str, str], project: str, spec_path: Path) -> list[list[str]]:
-    keys = ("_REGION", "_REPOSITORY", "_MODEL_NAME", "_MODEL_VERSION")
-    pairs = ",".join(f"{k}={subs[k]}" for k in keys)
-    return [
-        ["gcloud", "services", "enable", "aiplatform.googleapis.com", *APIS[1:], f"--project={project}"],
-        ["gcloud", "builds", "submit", f"--project={project}", f"--config={CLOUDBUILD_TRAIN.relative_to(ROOT)}",
-         f"--substitutions={pairs}", "."],
-        ["gcloud", "ai", "custom-jobs", "create", f"--project={project}", f"--region={subs['_REGION']}",
-         f"--display-name={subs['_MODEL_NAME']}-train", f"--config={spec_path}"],
-    ]  # fmt: skip
-
-
-def execute(commands: list[list[str]], dry_run: bool) -> None:
-    if not dry_run and not shutil.which("gcloud"):
-        raise DeployError("gcloud not found: install the Google Cloud CLI, or use --dry-run")
-    for cmd in commands:
-        print(("" if dry_run else "+ ") + shlex.join(cmd), flush=True)
-        if dry_run:
-            continue
-        run = subprocess.run(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-        if run.returncode != 0 and "ALREADY_EXISTS" not in run.stderr:  # e.g. the repository
-            last = (run.stderr.strip().splitlines() or ["no message"])[-1]
-            raise DeployError(f"`{shlex.join(cmd[:4])} ...` failed with code {run.returncode}: {last}")
+from cloud.deploy import DEFAULTS, deploy
+from common.cli import one_line_errors
+from common.config import load_config
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -194,28 +38,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dry-run", action="store_true", help="print the gcloud commands, run nothing")
     args = parser.parse_intermixed_args(argv)
 
-    try:
-        cfg = load_config(args.overrides)
-        project = args.project or ("PROJECT_ID" if args.dry_run else None)
-        if not project:
-            raise DeployError("no GCP project: pass --project or set GOOGLE_CLOUD_PROJECT")
-        instances = (args.min_instances, args.max_instances)
-        subs = substitutions(cfg, args.region, args.repository, args.service, args.memory, instances)
-        if args.what == "serve":
-            commands = serve_commands(subs, project, args.skip_build)
-        else:
-            if not args.bucket:
-                raise DeployError("train needs --bucket, the GCS bucket for the job's outputs")
-            spec_path = RENDERED / f"vertex-job.{subs['_MODEL_NAME']}.yaml"
-            with atomic_path(spec_path) as tmp:
-                spec = vertex_spec(subs, project, args.bucket, args.machine_type, args.overrides)
-                tmp.write_text(yaml.safe_dump(spec, sort_keys=False))
-            shown = spec_path.relative_to(ROOT) if spec_path.is_relative_to(ROOT) else spec_path
-            print(f"# wrote {shown}", flush=True)
-            commands = train_commands(subs, project, shown)
-        execute(commands, args.dry_run)
-    except (DeployError, HydraException, OmegaConfBaseException) as err:  # e.g. a bad override
-        raise SystemExit("error: " + " ".join(str(err).split())) from None
+    with one_line_errors():
+        deploy(
+            args.what,
+            load_config(args.overrides),
+            args.project,
+            region=args.region,
+            repository=args.repository,
+            service=args.service,
+            memory=args.memory,
+            instances=(args.min_instances, args.max_instances),
+            skip_build=args.skip_build,
+            bucket=args.bucket,
+            machine=args.machine_type,
+            overrides=tuple(args.overrides),
+            dry_run=args.dry_run,
+        )
 
 
 if __name__ == "__main__":

@@ -1,21 +1,22 @@
 """Shared fixtures: one small real pipeline (data -> train -> export -> archive) per test session,
-built with the project's own Hydra config and code, in a temporary directory."""
+built with the project's own Hydra config and code in a temporary directory, and one real TorchServe."""
 
-import io
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from omegaconf import OmegaConf
 
-from scripts.archive import archive
-from scripts.serve import TorchServe
-from training.config import load_config
-from training.data import load_split, make_dataset
-from training.export import export, inference_module
+from common.config import ROOT, load_config
+from handlers.classifier import Settings
+from servers.torchserve import TorchServe
+from tests import client
+from training.archive import unpack
+from training.data import load_split
+from training.export import inference_module
 from training.model import Classifier
-from training.train import train
+from training.pipeline import run
+from training.train import CHECKPOINT
 
 EPOCHS = 10
 
@@ -34,35 +35,48 @@ def cfg(workspace: Path):
             f"paths.model_store={workspace}/model_store",
             f"trainer.max_epochs={EPOCHS}",
             "trainer.enable_progress_bar=false",
+            "trainer.accelerator=cpu",
         ]
     )
 
 
 @pytest.fixture(scope="session")
 def dataset(cfg) -> Path:
-    return make_dataset(cfg)
+    return run(cfg, only=["data"])["data"]
 
 
 @pytest.fixture(scope="session")
 def metrics(cfg, dataset) -> dict:
-    return train(cfg)
+    return run(cfg, only=["train"])["train"]
 
 
 @pytest.fixture(scope="session")
 def model_file(cfg, metrics) -> Path:
-    return export(cfg)
+    return run(cfg, only=["export"])["export"]
 
 
 @pytest.fixture(scope="session")
 def eager(cfg, metrics) -> torch.nn.Module:
     """The trained model as the export sees it: uint8 RGB in, probabilities out."""
-    classifier = Classifier.load_from_checkpoint(Path(cfg.paths.artifacts) / "model.ckpt", map_location="cpu")
+    classifier = Classifier.load_from_checkpoint(Path(cfg.paths.artifacts) / CHECKPOINT, map_location="cpu")
     return inference_module(classifier)
 
 
 @pytest.fixture(scope="session")
 def mar(cfg, model_file) -> Path:
-    return archive(cfg)
+    return run(cfg, only=["archive"])["archive"]
+
+
+@pytest.fixture(scope="session")
+def model_dir(mar, tmp_path_factory) -> Path:
+    """The archive unpacked: what a TorchServe worker sees as its model_dir."""
+    return unpack(mar, tmp_path_factory.mktemp("model_dir"))
+
+
+@pytest.fixture(scope="session")
+def settings(cfg):
+    """The handler settings the archive carries, as a function taking overrides: settings(top_k=10)."""
+    return lambda **changes: Settings.from_dict({**cfg.serve.handler, **changes})
 
 
 @pytest.fixture(scope="session")
@@ -79,12 +93,71 @@ def server(cfg, mar, workspace):
         yield ts
 
 
-def png(image: np.ndarray | torch.Tensor, fmt: str = "PNG", scale: int = 1, **save) -> bytes:
-    """uint8 [C, H, W] -> encoded image bytes, optionally upscaled (nearest) by `scale`."""
-    array = np.asarray(image)
-    pil = Image.fromarray(array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0))
-    if scale != 1:
-        pil = pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
-    buf = io.BytesIO()
-    pil.save(buf, format=fmt, **save)
-    return buf.getvalue()
+@pytest.fixture
+def post(server, cfg):
+    """post(data, content_type, headers=None) -> (status, body) against the session's server, token included."""
+
+    def send(data: bytes, content_type: str, headers: dict | None = None) -> tuple[int, dict]:
+        auth = server.headers() if headers is None else headers
+        return client.post(server.url("inference"), cfg.name, data, content_type, auth)
+
+    return send
+
+
+@pytest.fixture(scope="session")
+def new_classifier():
+    """new_classifier(model="cnn", channels=1, augment=True, classes=10, ...) -> an untrained Classifier.
+
+    Built from the project's config like training builds it; `classes` is a count or the class names,
+    `overrides` are Hydra overrides (e.g. data.image_size=16), mean/std default to 0.5/0.25 per channel.
+    """
+
+    def build(
+        model: str = "cnn",
+        channels: int = 1,
+        augment: bool = True,
+        classes: int | list[str] = 10,
+        overrides: tuple[str, ...] = (),
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+    ) -> Classifier:
+        cfg = load_config([f"model={model}", f"augment.enabled={str(augment).lower()}", "augment.p=1.0", *overrides])
+        return Classifier(
+            model=OmegaConf.to_container(cfg.model, resolve=True),
+            augment=OmegaConf.to_container(cfg.augment, resolve=True),
+            classes=classes if isinstance(classes, list) else [str(i) for i in range(classes)],
+            mean=mean or [0.5] * channels,
+            std=std or [0.25] * channels,
+        )
+
+    return build
+
+
+class Context:
+    """A stand-in for what TorchServe hands a handler (as TorchServe's own handler tests do): manifest, system
+    properties, model-config, per-request statuses and headers, and TorchServe's real metrics cache loaded from
+    the bundle's metrics.yaml."""
+
+    def __init__(self, model_dir: Path | str, manifest: dict, model_yaml_config: dict) -> None:
+        from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+
+        self.metrics = MetricsCacheYamlImpl(str(ROOT / "metrics.yaml"))
+        self.metrics.initialize_cache()
+        self.metrics.model_name = manifest["model"]["modelName"]
+        self.manifest = manifest
+        self.system_properties = {"model_dir": str(model_dir), "gpu_id": None}
+        self.model_yaml_config = model_yaml_config
+        self.statuses: dict[int, tuple[int, str]] = {}
+        self.headers: dict[str, str] = {}
+
+    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
+        self.statuses[idx] = (code, phrase)
+
+    def get_request_header(self, idx: int, key: str) -> str | None:
+        return self.headers.get(key)
+
+
+@pytest.fixture(scope="session")
+def make_context():
+    """make_context(model_dir, manifest, model_yaml_config) -> a fresh stand-in TorchServe context."""
+    return Context

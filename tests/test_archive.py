@@ -1,24 +1,33 @@
-import zipfile
-
 import pytest
-import yaml
 
-from scripts.archive import ArchiveError, archive, check, read_manifest
-from training.config import load_config
+from common.config import load_config
+from handlers import files
+from training.archive import (
+    HANDLER,
+    ArchiveError,
+    archive,
+    check,
+    handler_files,
+    model_config,
+    read_manifest,
+    read_model_config,
+)
 
 
-def test_mar_holds_model_handler_labels_and_config(cfg, mar):
+def test_mar_holds_model_handler_labels_and_config(cfg, mar, model_dir):
     assert mar.name == f"{cfg.name}.mar"
     manifest = read_manifest(mar)
     assert manifest["model"]["modelName"] == cfg.name
     assert manifest["model"]["modelVersion"] == str(cfg.version)
     assert manifest["model"]["handler"] == "handler.py"
-    assert manifest["model"]["serializedFile"] == "model.pt"
-    assert manifest["model"]["configFile"] == "model-config.yaml"
-    with zipfile.ZipFile(mar) as z:
-        names = set(z.namelist())
-        config = yaml.safe_load(z.read("model-config.yaml"))
-    assert {"model.pt", "handler.py", "serving.py", "index_to_name.json"} <= names
+    assert manifest["model"]["serializedFile"] == files.MODEL
+    assert manifest["model"]["configFile"] == files.MODEL_CONFIG
+    packed = {"handlers/__init__.py", "handlers/classifier.py", "handlers/decode.py", "handlers/drift.py"}
+    assert packed <= {str(path) for path in handler_files()}
+    for name in (files.MODEL, HANDLER.name, files.LABELS, files.REFERENCE, *packed):
+        assert (model_dir / name).is_file(), name
+    config = read_model_config(mar)
+    assert config == model_config(cfg)
     assert config["batchSize"] == cfg.serve.batch_size
     assert config["handler"]["top_k"] == cfg.serve.handler.top_k
 

@@ -1,6 +1,7 @@
 """Google Cloud deployment files, offline: they parse, agree with each other and with the config,
-and scripts/deploy.py prints the commands they describe. Nothing here talks to Google Cloud."""
+and cloud/deploy.py prints the commands they describe. Nothing here talks to Google Cloud."""
 
+import os
 import re
 import subprocess
 import sys
@@ -9,10 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scripts import deploy, vertex_train
-from scripts.archive import read_manifest
-from scripts.serve import free_port, read_properties
-from training.config import load_config
+from cloud import deploy, vertex
+from common.config import load_config
+from scripts.deploy import main as deploy_main
+from servers.process import free_port
+from servers.torchserve import read_properties
+from training.archive import read_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOUD = ROOT / "cloud"
@@ -118,7 +121,7 @@ def test_concurrency_and_cpus_follow_the_serve_section(default_cfg):
 
 def test_dry_run_prints_every_gcloud_command(capsys, default_cfg):
     concurrency = deploy.concurrency(default_cfg.serve)
-    deploy.main(["serve", "--project", "my-proj", "--region", "us-central1", "--dry-run"])
+    deploy_main(["serve", "--project", "my-proj", "--region", "us-central1", "--dry-run"])
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[:3] for line in lines] == [
         ["gcloud", "services", "enable"],
@@ -129,7 +132,7 @@ def test_dry_run_prints_every_gcloud_command(capsys, default_cfg):
     assert "--config=cloud/cloudbuild.yaml" in lines[2] and "_REGION=us-central1" in lines[2]
     assert f"_CONCURRENCY={concurrency}" in lines[2] and "_MODEL_NAME=digits_cnn" in lines[2]
 
-    deploy.main(["serve", "--project", "my-proj", "--skip-build", "--dry-run", "model=resnet18"])
+    deploy_main(["serve", "--project", "my-proj", "--skip-build", "--dry-run", "model=resnet18"])
     out = capsys.readouterr().out
     assert "gcloud run deploy digits-resnet18 --project=my-proj" in out
     assert "--image=europe-west1-docker.pkg.dev/my-proj/models/digits_resnet18:1.0" in out
@@ -140,7 +143,7 @@ def test_dry_run_prints_every_gcloud_command(capsys, default_cfg):
 
 def test_train_dry_run_renders_the_vertex_job(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(deploy, "RENDERED", tmp_path)
-    deploy.main(["train", "--project", "my-proj", "--bucket", "my-bucket", "--dry-run", "trainer.max_epochs=3"])
+    deploy_main(["train", "--project", "my-proj", "--bucket", "my-bucket", "--dry-run", "trainer.max_epochs=3"])
     out = capsys.readouterr().out
     spec_path = tmp_path / "vertex-job.digits_cnn.yaml"
     spec = yaml.safe_load(spec_path.read_text())
@@ -164,7 +167,7 @@ def test_train_dry_run_renders_the_vertex_job(tmp_path, monkeypatch, capsys):
 )
 def test_bad_input_is_a_one_line_error(argv, message):
     with pytest.raises(SystemExit) as exc:
-        deploy.main(argv)
+        deploy_main(argv)
     assert str(exc.value).startswith(message) and "\n" not in str(exc.value)
 
 
@@ -191,11 +194,11 @@ def test_smoke_check_fails_clearly_without_a_server():
 
 
 def test_vertex_job_maps_its_model_dir_onto_the_gcs_mount():
-    assert vertex_train.output_dir({"AIP_MODEL_DIR": "gs://b/vertex/model/"}) == Path("/gcs/b/vertex/model")
-    assert vertex_train.output_dir({"OUTPUT_DIR": "/out", "AIP_MODEL_DIR": "gs://b/m"}) == Path("/out")
-    assert vertex_train.output_dir({}) is None
-    with pytest.raises(vertex_train.JobError, match="not a gs:// URI"):
-        vertex_train.output_dir({"AIP_MODEL_DIR": "/local/path"})
+    assert vertex.output_dir({"AIP_MODEL_DIR": "gs://b/vertex/model/"}) == Path("/gcs/b/vertex/model")
+    assert vertex.output_dir({"OUTPUT_DIR": "/out", "AIP_MODEL_DIR": "gs://b/m"}) == Path("/out")
+    assert vertex.output_dir({}) is None
+    with pytest.raises(vertex.JobError, match="not a gs:// URI"):
+        vertex.output_dir({"AIP_MODEL_DIR": "/local/path"})
 
 
 def test_vertex_entrypoint_runs_the_pipeline_and_copies_the_outputs(tmp_path):
@@ -203,8 +206,21 @@ def test_vertex_entrypoint_runs_the_pipeline_and_copies_the_outputs(tmp_path):
     overrides = [f"paths.{key}={tmp_path}/{key}" for key in ("data", "artifacts", "model_store")]
     overrides += ["trainer.max_epochs=1", "trainer.enable_progress_bar=false"]
     env = {"AIP_MODEL_DIR": "gs://bucket/vertex/model/", "GCS_MOUNT": str(tmp_path / "gcs")}
-    written = vertex_train.run(overrides, env)
+    written = vertex.run(overrides, env)
     out = tmp_path / "gcs" / "bucket" / "vertex" / "model"
     assert written == [out / name for name in ("digits_cnn.mar", "model.pt", "index_to_name.json", "metrics.json")]
     assert all(path.stat().st_size > 0 for path in written)
     assert read_manifest(out / "digits_cnn.mar")["model"]["modelName"] == "digits_cnn"
+
+
+def test_command_lines_help_and_one_line_errors(tmp_path):
+    for module in ("scripts.deploy", "scripts.vertex_train"):
+        run = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT)
+        assert run.returncode == 0 and "usage" in run.stdout, module
+    env = {**os.environ, "AIP_MODEL_DIR": str(tmp_path)}
+    env.pop("OUTPUT_DIR", None)
+    run = subprocess.run(
+        [sys.executable, "-m", "scripts.vertex_train"], capture_output=True, text=True, cwd=ROOT, env=env
+    )
+    assert run.returncode == 1 and run.stderr.strip() == f"error: AIP_MODEL_DIR {str(tmp_path)!r} is not a gs:// URI"
+    assert not list(tmp_path.iterdir())

@@ -7,20 +7,22 @@ cleanly on SIGTERM. The base image and the build's layers stay cached for the ne
 
 import base64
 import json
+import re
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
 
-from scripts import container
-from scripts.container import Container, ContainerError
-from scripts.serve import free_port, read_properties
-from tests.conftest import png
+from common.cli import BundleError
+from scripts.container import main as container_main
+from servers import container
+from servers.container import Container
+from servers.process import free_port
+from servers.torchserve import read_properties
+from tests.client import call, parsed, png
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_IMAGE_BYTES = 1.5e9
@@ -37,7 +39,7 @@ def test_serving_pins_agree_with_requirements_txt():
 
 def test_dockerfile_defaults_match_the_config(cfg, capsys):
     assert container.dockerfile_arg("MODEL_NAME") == cfg.name
-    container.main(["tag"])
+    container_main(["tag"])
     assert capsys.readouterr().out.strip() == f"{cfg.name}:{cfg.version}"
     props = read_properties(ROOT / "docker" / "config.properties")
     assert props["inference_address"].startswith("http://0.0.0.0:")
@@ -65,15 +67,42 @@ def test_pip_settings_become_mounted_build_args(tmp_path):
     assert container.local_cpu_torch(str(tmp_path)) is None
 
 
+def test_the_train_target_copies_every_package_its_entrypoint_imports():
+    """The Vertex image runs `python -m scripts.vertex_train`: every local package it reaches is in /app."""
+    dockerfile = container.DOCKERFILE.read_text()
+    stage = dockerfile.split("FROM python AS train", 1)[1].split("\nFROM ", 1)[0]
+    copied = {src for src, dest in re.findall(r"^COPY (\S+) /app/(\S+)$", stage, re.M) if src == dest}
+    assert 'ENTRYPOINT ["python", "-m", "scripts.vertex_train"]' in stage
+    code = (
+        "import sys, scripts.vertex_train; from training.pipeline import stages; stages(); "
+        f"print(*sorted({{m.split('.')[0] for m, mod in sys.modules.items() if "
+        f"(getattr(mod, '__file__', None) or '').startswith({str(ROOT) + '/'!r})}}))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    imported = set(run.stdout.split())
+    assert {"scripts", "cloud", "training", "handlers", "common"} <= imported
+    assert imported | {"configs"} <= copied, f"missing COPY lines for {sorted(imported | {'configs'} - copied)}"
+
+
+def test_command_line_help_and_one_line_errors(tmp_path):
+    cmd = [sys.executable, "-m", "scripts.container"]
+    for sub in ([], ["build"], ["run"], ["tag"]):
+        run = subprocess.run([*cmd, *sub, "--help"], capture_output=True, text=True, cwd=ROOT)
+        assert run.returncode == 0 and "usage" in run.stdout, sub
+    nowhere = tmp_path / "nowhere"
+    run = subprocess.run([*cmd, "build", "--models", str(nowhere)], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 1 and run.stderr.strip() == f"error: --models {nowhere} is not a folder"
+
+
 @pytest.fixture(scope="module")
 def engine() -> str:
-    """docker if its daemon answers, else buildah, installed here when missing (root + apt-get)."""
+    """docker if its daemon answers, else buildah, installed here when missing (common/apt.py: root or sudo)."""
     if container.docker_works():
         return "docker"
     try:
-        container.install_buildah()
         return container.engine("buildah")
-    except (ContainerError, OSError) as err:
+    except (BundleError, OSError) as err:
         pytest.skip(f"no container engine: {err}")
 
 
@@ -86,7 +115,7 @@ def image(cfg, mar, engine, tmp_path_factory):
     try:
         try:
             container.build("runtime", tag, cfg.name, mar.parent, engine, log=log)
-        except ContainerError as err:
+        except BundleError as err:
             pytest.fail(f"{err}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-30:]))
         size = container.image_size(tag, engine)
         print(f"\nimage {tag}: built in {time.monotonic() - start:.0f} s, {size / 1e9:.2f} GB ({engine})")
@@ -96,37 +125,32 @@ def image(cfg, mar, engine, tmp_path_factory):
         container.sh(rmi, check=False, capture_output=True)
 
 
-def get(url: str, timeout: float = 5) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read()
-
-
-def post(url: str, body: bytes, content_type: str) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type}, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
-def wait_ready(ctr: Container, management: str, name: str, timeout: float = 120) -> None:
+def wait_ready(ctr: Container, management: str, name: str, timeout: float = 120) -> float:
     """/ping answers Healthy while workers still load: wait for every worker READY instead."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert ctr.proc.poll() is None, f"container exited with {ctr.proc.returncode}:\n{ctr.log.read_text()[-3000:]}"
+
+    def ready() -> bool:
         try:
-            status, body = get(f"{management}/models/{name}", timeout=2)
-            workers = json.loads(body)[0]["workers"] if status == 200 else []
-            if workers and all(w["status"] == "READY" for w in workers):
-                return
-        except (OSError, ValueError, KeyError, IndexError):
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"{name} not READY after {timeout:.0f} s:\n{ctr.log.read_text()[-3000:]}")
+            status, body = call(f"{management}/models/{name}", timeout=2)
+            workers = parsed(body)[0]["workers"] if status == 200 else []
+        except (OSError, KeyError, IndexError, TypeError):
+            return False
+        return bool(workers) and all(w["status"] == "READY" for w in workers)
+
+    return ctr.wait_until(ready, timeout, f"{name} READY")
+
+
+def test_running_an_image_that_is_not_there_is_a_one_line_error(engine):
+    if engine != "buildah":
+        pytest.skip("docker would try to pull the image")
+    run = subprocess.run(
+        [sys.executable, "-m", "scripts.container", "run", "--tag", "localhost/no-such-image:0", "--engine", engine],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert run.returncode == 1
+    expected = "error: no image localhost/no-such-image:0: build it with `python -m scripts.container build`"
+    assert run.stderr.strip() == expected
 
 
 @pytest.mark.server
@@ -152,7 +176,7 @@ def test_container_serves_then_stops_on_sigterm(cfg, image, engine, test_split, 
         start = time.monotonic()
         wait_ready(ctr, management, cfg.name)
         print(f"\ncontainer start to {cfg.name} READY: {time.monotonic() - start:.1f} s")
-        assert get(f"{inference}/ping")[0] == 200
+        assert call(f"{inference}/ping")[0] == 200
         log = ctr.log.read_text()
         assert "token authorization is DISABLED" in log and "--no-allow-unauthenticated" in log
 
@@ -163,15 +187,17 @@ def test_container_serves_then_stops_on_sigterm(cfg, image, engine, test_split, 
         images, labels = test_split
         instances = [{"b64": base64.b64encode(png(images[i])).decode()} for i in range(16)]
         url = f"{inference}/predictions/{cfg.name}"
-        status, body = post(url, json.dumps({"instances": instances}).encode(), "application/json")
+        status, raw = call(url, json.dumps({"instances": instances}).encode(), {"Content-Type": "application/json"})
+        body = parsed(raw)
         assert status == 200, body
         assert body["model"] == cfg.name and len(body["predictions"]) == 16
         correct = sum(p["label"] == str(int(labels[i])) for i, p in enumerate(body["predictions"]))
         assert correct >= 12, body["predictions"]
 
-        status, body = post(url, b"certainly not an image", "application/octet-stream")
+        status, raw = call(url, b"certainly not an image", {"Content-Type": "application/octet-stream"})
+        body = parsed(raw)
         assert 400 <= status < 500 and "error" in body, (status, body)
-        status, metrics = get(f"http://127.0.0.1:{ports['METRICS_PORT']}/metrics")
+        status, metrics = call(f"http://127.0.0.1:{ports['METRICS_PORT']}/metrics")
         assert status == 200 and b"ts_inference_requests_total" in metrics
 
         first = ctr.first_process()
@@ -180,7 +206,7 @@ def test_container_serves_then_stops_on_sigterm(cfg, image, engine, test_split, 
         workers = first.children(recursive=True)
         assert workers, "no Python worker under the frontend"
         start = time.monotonic()
-        code = ctr.stop(grace=STOP_SECONDS + 5)
+        code = ctr.stop(STOP_SECONDS + 5)
         seconds = time.monotonic() - start
         print(f"SIGTERM to exit: {seconds:.1f} s, code {code}")
         assert code in (0, 143), f"exit code {code}:\n{ctr.log.read_text()[-2000:]}"  # 143: JVM after SIGTERM

@@ -4,10 +4,14 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from training.config import load_config
-from training.data import DataError, ImageDataModule, load_split, make_dataset, split_indices
+from common.config import load_config
+from handlers.decode import decode_image
+from training.data import DataError, ImageDataModule, load_split, make_dataset, read_meta, split_indices
+from training.export import inference_module, trace
+from training.pipeline import run
 
 
 def test_digits_splits_are_deterministic_disjoint_and_complete(cfg, dataset, tmp_path):
@@ -91,7 +95,7 @@ def test_folder_errors_are_clear(tmp_path):
     (tmp_path / "one" / "a").mkdir(parents=True)
     (tmp_path / "one" / "b").mkdir(parents=True)
     Image.new("L", (4, 4)).save(tmp_path / "one" / "a" / "x.png")
-    with pytest.raises(DataError, match="no PNG or JPEG"):
+    with pytest.raises(DataError, match=r"has no images \(.*\.jpg.*\.png"):
         make_dataset(folder_cfg(tmp_path, tmp_path / "one"))
     (tmp_path / "one" / "b" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="cannot read image"):
@@ -108,3 +112,64 @@ def test_data_cli_prints_one_line_error(tmp_path):
     )
     assert run.returncode == 1
     assert run.stderr.strip().splitlines()[-1].startswith("error: image folder not found")
+
+
+def textured_folder(root, classes=("blue", "green", "red"), sizes=((37, 23), (64, 48), (100, 80), (16, 16), (20, 50))):
+    """root/<class>/<i>.png|jpg: noisy RGB images of several sizes, tinted by class, seeded."""
+    rng = np.random.default_rng(0)
+    files = []
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i, (width, height) in enumerate(sizes):
+            tint = np.zeros(3)
+            tint[len(classes) - 1 - c] = 120
+            pixels = (rng.normal(60, 50, (height, width, 3)) + tint).clip(0, 255).astype(np.uint8)
+            path = root / name / f"{i}.{'jpg' if i == 1 else 'png'}"
+            Image.fromarray(pixels).save(path)
+            files.append(path)
+    return files  # in the data stage's order: classes sorted, files sorted within a class
+
+
+def test_folder_images_and_their_canonical_form_get_the_same_answer(tmp_path, new_classifier):
+    """No training/serving skew: the graph answers a folder image as it answers its stored (canonical) form."""
+    files = textured_folder(tmp_path / "imgs")
+    cfg = load_config(
+        ["data=folder", f"data.root={tmp_path}/imgs", f"paths.data={tmp_path}/data", "data.image_size=16"]
+    )
+    out = run(cfg, only=["data"])["data"]
+    meta = read_meta(out)
+    assert meta["channels"] == 3 and meta["image_size"] == [16, 16]
+    labels = np.asarray([meta["classes"].index(path.parent.name) for path in files])
+    where = split_indices(labels, cfg.data.val_fraction, cfg.data.test_fraction, cfg.seed)  # file of each sample
+
+    torch.manual_seed(0)
+    classifier = new_classifier(
+        channels=3,
+        augment=False,
+        classes=meta["classes"],
+        mean=meta["mean"],
+        std=meta["std"],
+        overrides=("data.image_size=16",),
+    )
+    with torch.no_grad():  # an untrained net answers near-uniformly: sharpen it so that small input changes show
+        classifier.backbone[-1].weight.mul_(300)
+    graph = trace(inference_module(classifier), load_split(out, "train")[0])
+
+    tolerance, worst, skewed, checked = 1e-2, 0.0, 0.0, 0
+    with torch.no_grad():
+        for split in ("train", "val", "test"):
+            images, stored = load_split(out, split)
+            for sample, label, index in zip(images, stored.tolist(), where[split], strict=True):
+                path = files[index]
+                assert label == labels[index]
+                original = graph(decode_image(path.read_bytes(), 10**8)[None])
+                canonical = graph(sample[None])
+                worst = max(worst, (original - canonical).abs().max().item())
+                with Image.open(path) as img:  # the old data path: Pillow's own resize
+                    pil = np.asarray(img.convert("RGB").resize((16, 16), Image.Resampling.BILINEAR))
+                resized = torch.from_numpy(pil.copy()).permute(2, 0, 1)[None]
+                skewed = max(skewed, (original - graph(resized)).abs().max().item())
+                checked += 1
+    assert checked == len(files)
+    assert worst < tolerance, worst  # only the rounding to uint8 differs
+    assert skewed > tolerance, skewed  # the check sees a resize that is not the graph's own

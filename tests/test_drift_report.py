@@ -1,19 +1,21 @@
-"""Offline drift report (scripts/drift_report.py): folders of PNGs against the session model's reference."""
+"""Offline drift report (monitoring/drift_report.py): folders of PNGs against the session model's reference."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from common.config import load_config
 from handlers.drift import FEATURES
-from scripts.drift_report import drift_report
-from tests.conftest import png
-from training.config import load_config
+from monitoring.drift_report import DriftReportError, drift_report
+from monitoring.shifts import shift
+from tests.client import png
 from training.export import as_rgb
-from training.robustness import shift
 
 ROOT = Path(__file__).resolve().parent.parent
 # Clearly shifted traffic, and the score that must show it.
@@ -44,19 +46,12 @@ def monitoring_cfg(cfg, model_file):
     return load_config([f"paths.{key}={cfg.paths[key]}" for key in ("data", "artifacts", "model_store")], "monitoring")
 
 
-def report(mcfg, folder: Path, out: Path, mar: Path | None = None) -> dict:
-    dc = mcfg.drift_report
-    return drift_report(
-        folder, Path(dc.reference), Path(dc.model), mar, Path(dc.mar), out, float(dc.threshold), mcfg.name
-    )
-
-
 def test_threshold_is_the_serving_one(monitoring_cfg, cfg):
     assert monitoring_cfg.drift_report.threshold == cfg.serve.handler.drift.threshold
 
 
 def test_in_distribution_images_score_below_the_threshold(monitoring_cfg, folders, tmp_path):
-    summary = report(monitoring_cfg, folders["in_distribution"], tmp_path)
+    summary = drift_report(monitoring_cfg, folders["in_distribution"], out=tmp_path)
     assert set(summary["scores"]) == {*FEATURES, "confidence", "classes"}
     assert summary["drifted"] == [], summary["scores"]
     assert max(summary["scores"].values()) < summary["threshold"]
@@ -65,7 +60,7 @@ def test_in_distribution_images_score_below_the_threshold(monitoring_cfg, folder
 
 @pytest.mark.parametrize("name", list(SHIFTED))
 def test_shifted_images_score_above_the_threshold(monitoring_cfg, folders, tmp_path, name):
-    summary = report(monitoring_cfg, folders[name], tmp_path)
+    summary = drift_report(monitoring_cfg, folders[name], out=tmp_path)
     feature = SHIFTED[name][2]
     assert summary["scores"][feature] > summary["threshold"], summary["scores"]
     assert feature in summary["drifted"]
@@ -76,8 +71,8 @@ def test_shifted_images_score_above_the_threshold(monitoring_cfg, folders, tmp_p
 
 
 def test_reference_and_model_from_the_archive(monitoring_cfg, folders, mar, tmp_path):
-    from_artifacts = report(monitoring_cfg, folders["inverted"], tmp_path / "a")
-    from_mar = report(monitoring_cfg, folders["inverted"], tmp_path / "b", mar=mar)
+    from_artifacts = drift_report(monitoring_cfg, folders["inverted"], out=tmp_path / "a")
+    from_mar = drift_report(monitoring_cfg, folders["inverted"], mar, tmp_path / "b")
     assert from_mar["reference_from"] == str(mar)
     assert from_mar["scores"] == from_artifacts["scores"]
 
@@ -95,3 +90,37 @@ def test_command_line(monitoring_cfg, folders, tmp_path):
     run = subprocess.run([*cmd, str(tmp_path / "nowhere"), *paths], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode != 0
     assert run.stderr.strip().splitlines()[-1] == f"error: image folder not found: {tmp_path / 'nowhere'}"
+
+
+def test_files_are_decoded_as_the_server_decodes_them(monitoring_cfg, folders, test_split, tmp_path):
+    """16-bit PNGs (high byte kept, as the handler does), other formats, and unreadable files skipped."""
+    deep = tmp_path / "incoming"
+    deep.mkdir()
+    for i, image in enumerate(test_split[0]):  # gray [1, H, W] -> 16-bit gray PNG with the same high byte
+        Image.fromarray(image[0].numpy().astype(np.uint16) * 257).save(deep / f"{i:04d}.png")
+    assert Image.open(deep / "0000.png").mode.startswith("I")
+    (deep / "extra.webp").write_bytes(png(as_rgb(test_split[0][:1])[0], "WEBP", lossless=True))
+    (deep / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (deep / "notes.txt").write_text("not an image, not even looked at")
+    summary = drift_report(monitoring_cfg, deep, out=tmp_path / "out")
+    assert summary["images"] == len(test_split[0]) + 1 and summary["skipped"] == ["broken.png"]
+    eight_bit = drift_report(monitoring_cfg, folders["in_distribution"], out=tmp_path / "8bit")
+    for name, score in summary["scores"].items():
+        assert score == pytest.approx(eight_bit["scores"][name], abs=0.02), name
+    assert summary["drifted"] == []
+
+
+def test_bad_folders_and_archives_are_one_line_errors(monitoring_cfg, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    with pytest.raises(DriftReportError, match=r"^no readable images under .*empty \(1 unreadable\)$"):
+        drift_report(monitoring_cfg, empty, out=tmp_path / "out")
+    missing = tmp_path / "missing.mar"
+    with pytest.raises(DriftReportError, match="no archive .*missing.mar: run `make export` and `make archive`"):
+        drift_report(monitoring_cfg, empty, missing, tmp_path / "out")
+    not_zip = tmp_path / "not.mar"
+    not_zip.write_bytes(b"not a zip file")
+    with pytest.raises(DriftReportError, match="not.mar is not a model archive"):
+        drift_report(monitoring_cfg, empty, not_zip, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -1,11 +1,13 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.test_model import classifier
+from handlers import files
 from training.export import ExportError, as_rgb, inference_module, tensor_constants, trace, verify
 from training.model import Classifier
+from training.train import CHECKPOINT
 
 
 def test_export_writes_a_verified_portable_graph(cfg, model_file, eager, test_split):
@@ -17,7 +19,7 @@ def test_export_writes_a_verified_portable_graph(cfg, model_file, eager, test_sp
         assert (got - want).abs().max() <= 1e-5
         assert torch.equal(got.argmax(1), want.argmax(1))
         assert torch.allclose(got.sum(1), torch.ones(len(batch)), atol=1e-5)
-    labels = json.loads((model_file.parent / "index_to_name.json").read_text())
+    labels = json.loads((model_file.parent / files.LABELS).read_text())
     assert labels == {str(i): str(i) for i in range(10)}
 
 
@@ -31,7 +33,7 @@ def test_graph_handles_any_input_size(model_file, eager, test_split):
 
 def test_verify_fails_when_graph_and_eager_disagree(cfg, eager, test_split, metrics):
     scripted = trace(eager, test_split[0])
-    other = Classifier.load_from_checkpoint(f"{cfg.paths.artifacts}/model.ckpt", map_location="cpu")
+    other = Classifier.load_from_checkpoint(Path(cfg.paths.artifacts) / CHECKPOINT, map_location="cpu")
     with torch.no_grad():
         for p in other.backbone.parameters():
             p.add_(torch.randn_like(p) * 0.5)
@@ -48,8 +50,8 @@ def test_tensor_constants_are_detected():
     assert tensor_constants(scripted)
 
 
-def test_resnet18_exports_and_verifies(test_split):
-    eager = inference_module(classifier("resnet18", 1, augment=False))
+def test_resnet18_exports_and_verifies(new_classifier, test_split):
+    eager = inference_module(new_classifier("resnet18", 1, augment=False))
     images = test_split[0][:32]
     scripted = trace(eager, images)
     assert tensor_constants(scripted) == []

@@ -1,64 +1,46 @@
 """A real TorchServe (Java frontend + Python workers) serving the session's archive over HTTP."""
 
 import base64
-import http.client
-import io
 import json
 import shutil
 import subprocess
-import urllib.error
-import urllib.request
-import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from urllib.parse import urlparse
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from tests.conftest import png
+from handlers.decode import decode_image
+from tests import client
+from tests.client import png
+from training.data import read_meta
 
 pytestmark = pytest.mark.server
 
 
-def post(server, name: str, data: bytes, content_type: str, auth: bool = True) -> tuple[int, dict]:
-    headers = {"Content-Type": content_type, **(server.headers() if auth else {})}
-    request = urllib.request.Request(f"{server.url('inference')}/predictions/{name}", data=data, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        body = err.read()
-        return err.code, json.loads(body) if body.startswith(b"{") else {"raw": body.decode(errors="replace")}
-
-
-def offline_top1(eager, data: bytes) -> int:
+def offline_top1(eager, data: bytes, max_pixels: int) -> int:
     """What the trained (eager) model predicts for the image these bytes decode to."""
-    rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     with torch.no_grad():
-        return int(eager(torch.from_numpy(rgb.copy()).permute(2, 0, 1)[None]).argmax(1))
+        return int(eager(decode_image(data, max_pixels)[None]).argmax(1))
 
 
 @pytest.mark.parametrize(
     ("fmt", "scale", "content_type"),
     [("PNG", 1, "image/png"), ("JPEG", 1, "image/jpeg"), ("PNG", 5, "image/png"), ("JPEG", 9, "image/jpeg")],
 )
-def test_served_top1_equals_offline_prediction(server, cfg, eager, test_split, fmt, scale, content_type):
+def test_served_top1_equals_offline_prediction(post, cfg, eager, test_split, fmt, scale, content_type):
     images, _ = test_split
     for image in images[:10]:
         data = png(image, fmt, scale)
-        status, body = post(server, cfg.name, data, content_type)
+        status, body = post(data, content_type)
         assert status == 200, body
-        assert body["top_k"][0]["index"] == offline_top1(eager, data)
+        assert body["top_k"][0]["index"] == offline_top1(eager, data, cfg.serve.handler.max_pixels)
         assert body["model"] == cfg.name
 
 
-def test_served_accuracy_equals_offline_test_accuracy(server, cfg, metrics, test_split):
+def test_served_accuracy_equals_offline_test_accuracy(post, metrics, test_split):
     images, labels = test_split
     with ThreadPoolExecutor(8) as pool:  # concurrent requests, so TorchServe batches them
-        answers = list(pool.map(lambda img: post(server, cfg.name, png(img), "image/png"), images))
+        answers = list(pool.map(lambda img: post(png(img), "image/png"), images))
     assert all(status == 200 for status, _ in answers)
     predicted = torch.tensor([body["top_k"][0]["index"] for _, body in answers])
     served = (predicted == labels).float().mean().item()
@@ -66,21 +48,21 @@ def test_served_accuracy_equals_offline_test_accuracy(server, cfg, metrics, test
     assert served >= 0.9
 
 
-def test_bad_requests_get_4xx_and_the_worker_survives(server, cfg, test_split):
+def test_bad_requests_get_4xx_and_the_worker_survives(server, post, cfg, test_split):
     pids = {w["pid"] for w in server.workers(cfg.name)}
-    assert post(server, cfg.name, b"not an image", "image/png")[0] == 415
-    assert post(server, cfg.name, b'{"data": "@@@"}', "application/json")[0] == 400
-    status, body = post(server, cfg.name, png(test_split[0][0]), "image/png")
+    assert post(b"not an image", "image/png")[0] == 415
+    assert post(b'{"data": "@@@"}', "application/json")[0] == 400
+    status, body = post(png(test_split[0][0]), "image/png")
     assert status == 200
     assert {w["pid"] for w in server.workers(cfg.name)} == pids
 
 
-def test_concurrent_good_and_bad_requests_each_get_their_own_status(server, cfg, test_split):
+def test_concurrent_good_and_bad_requests_each_get_their_own_status(server, post, cfg, test_split):
     """Mixed requests land in shared batches (batchSize > 1); each gets its own answer; workers survive."""
     assert cfg.serve.batch_size > 1
     pids = {w["pid"] for w in server.workers(cfg.name)}
     images, labels = test_split
-    classes = json.loads((Path(cfg.paths.data) / "meta.json").read_text())["classes"]
+    classes = read_meta(cfg.paths.data)["classes"]
     truncated = png(images[0], scale=4)[:60]
     bad = [(b"", "image/png", 400), (truncated, "image/png", 400), (b"plain text", "image/png", 415)]
     jobs = []
@@ -91,7 +73,7 @@ def test_concurrent_good_and_bad_requests_each_get_their_own_status(server, cfg,
         else:
             jobs.append((png(images[i]), "image/png", 200))
     with ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(lambda job: post(server, cfg.name, job[0], job[1]), jobs))
+        answers = list(pool.map(lambda job: post(job[0], job[1]), jobs))
     for (_, _, want), (status, body) in zip(jobs, answers, strict=True):
         assert status == want, body
         if want == 200:
@@ -113,67 +95,50 @@ def test_body_over_the_size_limit_gets_413(server, cfg, tmp_path):
     assert result.stdout == "413"
 
 
-def test_metrics_endpoint_exports_the_handler_metrics(server, cfg, test_split):
-    post(server, cfg.name, png(test_split[0][0]), "image/png")
-    post(server, cfg.name, b"junk", "image/png")
-    with urllib.request.urlopen(f"{server.url('metrics')}/metrics", timeout=10) as response:
-        text = response.read().decode()
+def test_metrics_endpoint_exports_the_handler_metrics(server, post, cfg, test_split):
+    post(png(test_split[0][0]), "image/png")
+    post(b"junk", "image/png")
+    status, raw = client.call(f"{server.url('metrics')}/metrics")
+    assert status == 200
+    text = raw.decode()
     for name in ("DecodeTime", "InferenceTime", "BatchSize", "TopConfidence", "Predictions", "RejectedRequests"):
         assert f"\n{name}" in text, name
     assert 'Status="415"' in text
     assert f'ModelName="{cfg.name}"' in text
 
 
-def send(server, name: str, method: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
-    """A raw HTTP request with exactly these headers (curl -T sends a PUT with no Content-Type)."""
-    url = urlparse(server.url("inference"))
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
-    try:
-        conn.request(method, f"/predictions/{name}", body=body, headers={**server.headers(), **headers})
-        response = conn.getresponse()
-        return response.status, json.loads(response.read())
-    finally:
-        conn.close()
-
-
-def multipart(field: str, filename: str, data: bytes, content_type: str) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{filename}"\r\n'
-            f"Content-Type: {content_type}\r\n\r\n"
-        ).encode()
-        + data
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    return body, f"multipart/form-data; boundary={boundary}"
-
-
 def test_every_input_kind_over_http(server, cfg, test_split):
     image = png(test_split[0][5], scale=3)
     b64 = base64.b64encode(image).decode()
-    form, form_type = multipart("data", "digit.png", image, "image/png")
+    form, form_type = client.multipart("data", "digit.png", image, "image/png")
+    url = f"{server.url('inference')}/predictions/{cfg.name}"
+
+    def send(method: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict]:
+        return client.send(url, method, body, {**server.headers(), **headers})
+
     answers = [
-        send(server, cfg.name, "PUT", image, {}),  # curl -T
-        send(server, cfg.name, "POST", image, {"Content-Type": "image/png"}),  # --data-binary + -H
-        send(server, cfg.name, "POST", form, {"Content-Type": form_type}),  # curl -F data=@
-        send(server, cfg.name, "POST", json.dumps({"data": b64}).encode(), {"Content-Type": "application/json"}),
+        send("PUT", image, {}),  # curl -T
+        send("POST", image, {"Content-Type": "image/png"}),  # --data-binary + -H
+        send("POST", form, {"Content-Type": form_type}),  # curl -F data=@
+        send("POST", json.dumps({"data": b64}).encode(), {"Content-Type": "application/json"}),
     ]
     assert [status for status, _ in answers] == [200] * 4, answers
     assert len({body["label"] for _, body in answers}) == 1
     listed = json.dumps({"instances": [{"b64": b64}, {"b64": b64}]}).encode()
-    status, body = send(server, cfg.name, "POST", listed, {"Content-Type": "application/json"})
+    status, body = send("POST", listed, {"Content-Type": "application/json"})
     assert status == 200
     assert [p["label"] for p in body["predictions"]] == [answers[0][1]["label"]] * 2
 
 
-def test_token_is_required(server, cfg, test_split):
+def test_token_is_required(post, test_split):
     """TorchServe 0.12 answers a missing or wrong token with 400 InvalidKeyException."""
-    status, body = post(server, cfg.name, png(test_split[0][0]), "image/png", auth=False)
+    status, body = post(png(test_split[0][0]), "image/png", headers={})
+    assert (status, body.get("type")) == (400, "InvalidKeyException")
+    status, body = post(png(test_split[0][0]), "image/png", headers={"Authorization": "Bearer wrong"})
     assert (status, body.get("type")) == (400, "InvalidKeyException")
 
 
 def test_ping(server):
-    request = urllib.request.Request(f"{server.url('inference')}/ping", headers=server.headers())
-    with urllib.request.urlopen(request, timeout=10) as response:
-        assert json.loads(response.read())["status"] == "Healthy"
+    status, raw = client.call(f"{server.url('inference')}/ping", headers=server.headers())
+    assert status == 200
+    assert json.loads(raw)["status"] == "Healthy"

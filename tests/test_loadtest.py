@@ -6,7 +6,10 @@ import json
 
 import pytest
 
-from scripts.loadtest import check_answer, check_slo, main, parse_mix, run_locust, summarize
+from loadtest.checks import check_answer, parse_mix
+from loadtest.runner import run_locust
+from loadtest.summary import check_slo, summarize
+from scripts.loadtest import main
 
 CLASSES = {str(i) for i in range(10)}
 SLO = {"max_failures": 0, "p95_ms": 50, "p99_ms": 100, "min_rps": 10}

@@ -1,34 +1,20 @@
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from training.config import load_config
-from training.model import Classifier
 from training.preprocess import Preprocess
 
 
-def classifier(model: str = "cnn", channels: int = 1, augment: bool = True, classes: int = 10) -> Classifier:
-    cfg = load_config([f"model={model}", f"augment.enabled={str(augment).lower()}", "augment.p=1.0"])
-    return Classifier(
-        model=OmegaConf.to_container(cfg.model, resolve=True),
-        augment=OmegaConf.to_container(cfg.augment, resolve=True),
-        classes=[str(i) for i in range(classes)],
-        mean=[0.5] * channels,
-        std=[0.25] * channels,
-    )
-
-
 @pytest.mark.parametrize(("model", "channels"), [("cnn", 1), ("cnn", 3), ("resnet18", 1), ("resnet18", 3)])
-def test_forward_shapes(model, channels):
-    net = classifier(model, channels, classes=7).eval()
+def test_forward_shapes(new_classifier, model, channels):
+    net = new_classifier(model, channels, classes=7).eval()
     for shape in [(2, channels, 8, 8), (3, 3, 40, 30)]:  # native input, and RGB uploads of another size
         images = torch.randint(0, 256, shape, dtype=torch.uint8)
         assert net(images).shape == (shape[0], 7)
 
 
-def test_one_training_step_lowers_the_loss():
+def test_one_training_step_lowers_the_loss(new_classifier):
     torch.manual_seed(0)
-    net = classifier(augment=False)
+    net = new_classifier(augment=False)
     images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)
     labels = torch.arange(16) % 10
     opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
@@ -42,9 +28,9 @@ def test_one_training_step_lowers_the_loss():
     assert losses[1] < losses[0]
 
 
-def test_augmentation_switch():
-    assert classifier(augment=False).augment is None
-    net = classifier(augment=True)
+def test_augmentation_switch(new_classifier):
+    assert new_classifier(augment=False).augment is None
+    net = new_classifier(augment=True)
     images = torch.rand(8, 1, 8, 8)
     out = net.augment(images)
     assert out.shape == images.shape

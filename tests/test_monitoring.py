@@ -1,18 +1,20 @@
 """monitoring/ with a real Prometheus scraping the session's real TorchServe.
 
-Prometheus is Debian's package (scripts/prometheus.py installs it when missing, as root), run as our
-own process on a free port with its own storage, 1 s scrape/evaluation intervals and every alert's
-`for:` set to 0s (a config derived from monitoring/prometheus.yml). Always stopped.
+Prometheus is Debian's package (common/apt.py installs it when missing: root or sudo), run as our
+own process (servers/prometheus.py) on a free port with its own storage, 1 s scrape/evaluation
+intervals and every alert's `for:` set to 0s (a config derived from monitoring/prometheus.yml).
+Always stopped.
 """
 
 import base64
 import json
 import os
 import re
+import shutil
 import signal
+import subprocess
+import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,20 +24,23 @@ import pytest
 import torch
 import yaml
 
-from scripts.prometheus import (
+from common import apt
+from common.cli import BundleError
+from common.config import load_config
+from monitoring.prometheus import (
     ALERTS_YML,
     PROMETHEUS_YML,
-    Prometheus,
     PrometheusError,
     derived_config,
     install,
     metrics_target,
     promtool,
 )
-from tests.conftest import png
-from training.config import load_config
+from monitoring.shifts import shift
+from servers.process import ServerError
+from servers.prometheus import Prometheus
+from tests.client import png
 from training.export import as_rgb
-from training.robustness import shift
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "monitoring" / "grafana-dashboard.json"
@@ -67,30 +72,17 @@ def wait_for(check: Callable[[], object], what: str, timeout: float = 90) -> obj
     raise AssertionError(f"{what} not seen within {timeout:.0f} s (last: {value!r})")
 
 
-def post(server, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> int:
-    request = urllib.request.Request(
-        f"{server.url('inference')}/predictions/{next(iter(server.models))}",
-        data=body,
-        headers={"Content-Type": content_type, **(server.headers() if headers is None else headers)},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status
-    except urllib.error.HTTPError as err:
-        return err.code
-
-
-def send_pngs(server, images: torch.Tensor, workers: int = 8) -> list[int]:
+def send_pngs(post, images: torch.Tensor, workers: int = 8) -> list[int]:
     """One image/png request per image, several in flight so that TorchServe batches them."""
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda image: post(server, png(image), "image/png"), images))
+        return [status for status, _ in pool.map(lambda image: post(png(image), "image/png"), images)]
 
 
-def send_instances(server, images: torch.Tensor, per_request: int = 50) -> list[int]:
+def send_instances(post, images: torch.Tensor, per_request: int = 50) -> list[int]:
     statuses = []
     for start in range(0, len(images), per_request):
         items = [{"b64": base64.b64encode(png(i)).decode()} for i in images[start : start + per_request]]
-        statuses.append(post(server, json.dumps({"instances": items}).encode(), "application/json"))
+        statuses.append(post(json.dumps({"instances": items}).encode(), "application/json")[0])
     return statuses
 
 
@@ -102,7 +94,7 @@ def firing(prom: Prometheus, alertname: str) -> list[dict]:
 def binaries() -> tuple[str, str]:
     try:
         return install()
-    except PrometheusError as err:
+    except BundleError as err:
         pytest.skip(f"Prometheus cannot be installed here: {err}")
 
 
@@ -110,11 +102,8 @@ def binaries() -> tuple[str, str]:
 def prom(binaries, server, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("prometheus")
     config = derived_config(workdir, urlparse(server.url("metrics")).netloc, interval="1s", rule_for="0s")
-    prometheus = Prometheus(config, workdir)
-    try:
-        yield prometheus.start()
-    finally:
-        prometheus.stop()
+    with Prometheus(config, workdir) as prometheus:
+        yield prometheus
 
 
 def test_promtool_accepts_the_config_and_rules_and_refuses_a_broken_rule(binaries, tmp_path):
@@ -142,8 +131,37 @@ def test_thresholds_and_target_have_one_source():
     assert targets == [metrics_target()]
 
 
-def test_prometheus_scrapes_torchserve(prom, server, test_split):
-    assert set(send_pngs(server, as_rgb(test_split[0][:20]))) == {200}
+def test_a_prometheus_that_cannot_start_says_why(binaries, tmp_path):
+    broken = tmp_path / "prometheus.yml"
+    broken.write_text("global: {scrape_interval: not-a-duration}\n")
+    prometheus = Prometheus(broken, tmp_path / "run", timeout=30)
+    with pytest.raises(ServerError, match=r"^Prometheus exited with code [1-9]") as err:
+        prometheus.start()
+    assert "not-a-duration" in str(err.value)  # the log's tail
+    assert not prometheus.running()
+
+
+def test_command_line_help_check_and_one_line_errors(binaries, tmp_path):
+    cmd = [sys.executable, "-m", "scripts.prometheus"]
+    run = subprocess.run([*cmd, "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0 and "install" in run.stdout and "check" in run.stdout
+    run = subprocess.run([*cmd, "check"], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0 and run.stdout.count("SUCCESS") >= 2, run.stderr
+    missing = tmp_path / "missing.properties"
+    run = subprocess.run([*cmd, "run", "--config", str(missing)], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 1
+    assert run.stderr.strip() == f"error: no TorchServe config {missing}: pass the config.properties to scrape"
+
+
+def test_apt_finds_what_is_there_and_says_what_it_cannot_install(monkeypatch, tmp_path):
+    assert apt.ensure({"sh": "dash"}) == {"sh": shutil.which("sh")}
+    monkeypatch.setenv("PATH", str(tmp_path))  # no apt-get on this PATH
+    with pytest.raises(apt.AptError, match="^no-such-package missing and there is no apt-get here: install"):
+        apt.ensure({"no-such-tool": "no-such-package"})
+
+
+def test_prometheus_scrapes_torchserve(prom, server, post, test_split):
+    assert set(send_pngs(post, as_rgb(test_split[0][:20]))) == {200}
     target = wait_for(lambda: [t for t in prom.targets() if t["health"] == "up"], "an up scrape target")
     assert target[0]["scrapeUrl"] == f"{server.url('metrics')}/metrics"
     answered = wait_for(lambda: prom.query("sum(Predictions)"), "Predictions in Prometheus")
@@ -151,25 +169,23 @@ def test_prometheus_scrapes_torchserve(prom, server, test_split):
     assert prom.query("ts_inference_requests_total")[0]["metric"]["model_name"] == next(iter(server.models))
 
 
-def test_client_errors_fire_the_error_rate_alert(prom, server, test_split):
+def test_client_errors_fire_the_error_rate_alert(prom, post, test_split):
     bad = png(as_rgb(test_split[0][:1])[0])
     # A counter's first scraped value is not a rate: let Prometheus see Requests4XX before the burst.
-    assert post(server, bad, "image/png", {"Authorization": "Bearer wrong"}) == 400
+    assert post(bad, "image/png", {"Authorization": "Bearer wrong"})[0] == 400
     wait_for(lambda: prom.query("Requests4XX"), "Requests4XX scraped")
     with ThreadPoolExecutor(8) as pool:
-        statuses = list(
-            pool.map(lambda _: post(server, bad, "image/png", {"Authorization": "Bearer wrong"}), range(300))
-        )
+        statuses = list(pool.map(lambda _: post(bad, "image/png", {"Authorization": "Bearer wrong"})[0], range(300)))
     assert set(statuses) == {400}
     alert = wait_for(lambda: firing(prom, "HighClientErrorRate"), "HighClientErrorRate firing")
     assert float(alert[0]["value"]) > threshold(rules()["HighClientErrorRate"]["expr"])
 
 
-def test_shifted_traffic_fires_the_drift_alert(prom, server, cfg, test_split):
+def test_shifted_traffic_fires_the_drift_alert(prom, server, post, cfg, test_split):
     drift = cfg.serve.handler.drift
     model = next(iter(server.models))
     clean = as_rgb(test_split[0]).repeat(2 + drift.window // len(test_split[0]), 1, 1, 1)[: drift.window]
-    assert set(send_instances(server, clean)) == {200}  # the worker's whole window is in-distribution now
+    assert set(send_instances(post, clean)) == {200}  # the worker's whole window is in-distribution now
 
     def low_scores() -> dict[str, float] | None:
         found = {r["metric"]["Feature"]: float(r["value"][1]) for r in prom.query(f'DriftScore{{ModelName="{model}"}}')}
@@ -183,7 +199,7 @@ def test_shifted_traffic_fires_the_drift_alert(prom, server, cfg, test_split):
     inverted = shift(images, "inversion", 1.0, torch.Generator())
     brightened = shift(images, "brightness", 0.3, torch.Generator())
     shifted = torch.cat([inverted, brightened])[: int(drift.window * 0.8)]  # 80% of the window
-    assert set(send_pngs(server, shifted)) == {200}
+    assert set(send_pngs(post, shifted)) == {200}
     alerts = wait_for(lambda: firing(prom, "DriftDetected"), "DriftDetected firing")
     features = {a["labels"]["Feature"] for a in alerts if a["labels"]["ModelName"] == model}
     assert "brightness" in features
@@ -191,9 +207,9 @@ def test_shifted_traffic_fires_the_drift_alert(prom, server, cfg, test_split):
     assert all(float(a["value"]) > drift.threshold for a in alerts)
 
 
-def test_every_alert_and_dashboard_query_is_valid_and_has_data(prom, server, test_split):
+def test_every_alert_and_dashboard_query_is_valid_and_has_data(prom, post, test_split):
     """Run after the traffic above: every metric an alert or a panel reads exists with these labels."""
-    assert set(send_pngs(server, as_rgb(test_split[0][:40]))) == {200}
+    assert set(send_pngs(post, as_rgb(test_split[0][:40]))) == {200}
     time.sleep(3)  # two scrapes after the last requests, so rates have samples
     for name, rule in rules().items():
         expr = COMPARISON.sub("", rule["expr"])

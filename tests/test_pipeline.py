@@ -1,5 +1,6 @@
 """The DVC pipeline and the command-line entry points, as a user runs them."""
 
+import ast
 import shutil
 import subprocess
 import sys
@@ -8,10 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from training.config import load_config
+from common.config import ROOT, load_config
+from training.pipeline import COMMANDS, stages
 
-ROOT = Path(__file__).resolve().parent.parent
 DVC = str(Path(sys.executable).parent / "dvc")
+REPORTS = {"robustness"}  # dvc.yaml stages that report on the model and feed nothing downstream
 
 
 def test_dvc_yaml_paths_follow_the_default_config():
@@ -27,6 +29,15 @@ def test_dvc_yaml_paths_follow_the_default_config():
             assert produced or (ROOT / dep).exists(), dep
 
 
+def test_dvc_yaml_runs_the_pipeline_stages_in_order():
+    """training.pipeline is the stage order's one source: dvc.yaml runs the same stages, in order, by its commands."""
+    dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    assert list(stages()) == list(COMMANDS)
+    assert [name for name in dvc if name not in REPORTS] == list(COMMANDS)
+    for name, command in COMMANDS.items():
+        assert dvc[name]["cmd"] == command, name
+
+
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(cwd), "DVC_NO_ANALYTICS": "1"}
     result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
@@ -37,7 +48,9 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def test_dvc_repro_push_and_pull(tmp_path):
     """The data stage through real DVC, then push to the local remote and pull it back."""
     repo = tmp_path / "repo"
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    listed = ["git", "ls-files", "--cached", "--others", "--exclude-standard"]  # what `git add -A` would commit
+    files = subprocess.run(listed, cwd=ROOT, capture_output=True, text=True).stdout.split()
+    files = [name for name in files if (ROOT / name).is_file()]  # not files deleted but not yet committed
     if not files:
         pytest.skip("not a git checkout with tracked files: the DVC test copies the tracked tree")
     for name in files:
@@ -57,10 +70,24 @@ def test_dvc_repro_push_and_pull(tmp_path):
     assert meta.read_bytes() == original
 
 
-COMMANDS = ["training.data", "training.train", "training.export", "scripts.archive", "scripts.serve"]
+ENTRY_POINTS = [
+    "training.data",
+    "training.train",
+    "training.export",
+    "scripts.archive",
+    "scripts.serve",
+    "scripts.loadtest",
+    "scripts.bench",
+    "scripts.container",
+    "scripts.drift_report",
+    "scripts.prometheus",
+    "scripts.deploy",
+    "scripts.vertex_train",
+    "monitoring.robustness",
+]
 
 
-@pytest.mark.parametrize("module", COMMANDS)
+@pytest.mark.parametrize("module", ENTRY_POINTS)
 def test_every_command_has_help(module):
     result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
@@ -72,3 +99,48 @@ def test_code_passes_ruff():
     for cmd in ([ruff, "check", "."], [ruff, "format", "--check", "."]):
         result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         assert result.returncode == 0, result.stdout
+
+
+def python_files(*folders: str) -> list[Path]:
+    """The project's Python files (in `folders`, or everywhere but hidden and generated folders)."""
+    skip = {"data", "artifacts", "logs", "model_store", "reports"}
+    found = [path for folder in folders for path in (ROOT / folder).rglob("*.py")] if folders else ROOT.rglob("*.py")
+    return sorted(
+        path
+        for path in found
+        if not any(part.startswith(".") or part in skip for part in path.relative_to(ROOT).parts[:-1])
+    )
+
+
+def imported(path: Path) -> set[str]:
+    """Every module that a file imports (absolute names; relative imports stay within their package)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_nothing_outside_scripts_and_tests_imports_scripts():
+    """scripts/ holds entry points only: libraries never depend on them."""
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(name for name in imported(path) if name.split(".")[0] == "scripts")
+        for path in python_files()
+        if path.relative_to(ROOT).parts[0] not in ("scripts", "tests")
+    }
+    assert python_files("training", "handlers", "servers", "common")  # the walk sees the libraries
+    assert {path: names for path, names in offenders.items() if names} == {}
+
+
+def test_scripts_define_no_classes():
+    """An entry point parses arguments and calls a library; classes belong in the libraries."""
+    classes = {
+        str(path.relative_to(ROOT)): [
+            node.name for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ClassDef)
+        ]
+        for path in python_files("scripts")
+    }
+    assert "scripts/serve.py" in classes
+    assert {path: names for path, names in classes.items() if names} == {}

@@ -1,7 +1,8 @@
-"""Robustness report (training/robustness.py): the session's exported model under shifted inputs."""
+"""Robustness report (monitoring/robustness.py) and its shift operators (monitoring/shifts.py)."""
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -12,13 +13,13 @@ import torch
 import yaml
 from PIL import Image
 
-from training.config import load_config
+from common.config import load_config
+from monitoring.robustness import REPORT, RobustnessError, robustness, write_report
+from monitoring.shifts import OPERATORS, SHIFTS, ShiftError, check, shift
 from training.export import as_rgb
-from training.robustness import SHIFTS, robustness, shift, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 STRONG = ("inversion", "noise", "rotation")
-REPORT_FILES = ("robustness.md", "robustness.png", "robustness.json", "robustness_plot.csv")
 
 
 def monitoring_config(cfg, *overrides: str):
@@ -111,12 +112,12 @@ def test_dvc_stage_metrics_and_plots(report, tmp_path):
 
 def test_command_line_help_and_one_line_errors(tmp_path):
     run = subprocess.run(
-        [sys.executable, "-m", "training.robustness", "--help"], capture_output=True, text=True, cwd=ROOT
+        [sys.executable, "-m", "monitoring.robustness", "--help"], capture_output=True, text=True, cwd=ROOT
     )
     assert run.returncode == 0 and "robustness" in run.stdout
     missing = tmp_path / "missing.pt"
     run = subprocess.run(
-        [sys.executable, "-m", "training.robustness", f"robustness.model={missing}", f"robustness.out={tmp_path}"],
+        [sys.executable, "-m", "monitoring.robustness", f"robustness.model={missing}", f"robustness.out={tmp_path}"],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -127,3 +128,118 @@ def test_command_line_help_and_one_line_errors(tmp_path):
         == f"error: no TorchScript model at {missing}: run `make export` (or `dvc repro export`)"
     )
     assert not list(tmp_path.iterdir())
+
+
+def test_report_is_all_or_nothing_old_files_stay_if_one_is_in_the_way(report, tmp_path):
+    """A report that cannot be written whole leaves the previous one as it was, and no temporary files."""
+    result, out = report
+    for name in REPORT:
+        previous = tmp_path / name
+        previous.mkdir()
+        for other in REPORT:
+            if other != name:
+                shutil.copyfile(out / other, previous / other)
+        (previous / name).mkdir()  # e.g. a folder of that name left behind
+        before = {f.name: f.read_bytes() for f in previous.iterdir() if f.is_file()}
+        with pytest.raises(RobustnessError, match=f"{name} is in the way of the report and not a file"):
+            write_report({**result, "clean": 0.0}, previous, "digits_cnn", 10)
+        assert {f.name: f.read_bytes() for f in previous.iterdir() if f.is_file()} == before, name
+        assert not list(previous.glob(".*")), "temporary files left behind"
+
+
+def test_a_name_with_dollars_is_plain_text_in_the_plot(report, tmp_path):
+    written = write_report(report[0], tmp_path, r"a$\nosuch$b", 10)
+    assert [p.name for p in written] == list(REPORT) and all(p.stat().st_size > 0 for p in written)
+
+
+def test_a_bad_shift_parameter_fails_before_evaluating(cfg, model_file, tmp_path):
+    expected = "jpeg: parameter 101 out of range, expected a quality, an integer in [0, 100]"
+    with pytest.raises(ShiftError, match=re.escape(expected)):
+        robustness(monitoring_config(cfg, f"robustness.out={tmp_path}", "robustness.shifts.jpeg=[50,101]"))
+    assert not list(tmp_path.iterdir())
+
+
+# The shift operators one by one, the way Kornia tests its own: smoke, shape and dtype, determinism,
+# a neutral parameter, bad input.
+NEUTRAL = {"brightness": 0, "contrast": 1, "noise": 0, "rotation": 0, "scale": 1, "translate": 0, "inversion": 0}
+OUT_OF_RANGE = {
+    "brightness": 1.5,
+    "contrast": -0.5,
+    "blur": 0,
+    "noise": -0.1,
+    "rotation": float("inf"),
+    "scale": 0,
+    "translate": 1.5,
+    "jpeg": 101,
+    "inversion": 1.5,
+}
+
+
+def images(n: int = 4, height: int = 12, width: int = 10, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, height, width), dtype=torch.uint8, generator=generator)
+
+
+def strongest(name: str) -> float:
+    return float(load_config([], "monitoring").robustness.shifts[name][-1])
+
+
+def test_every_configured_parameter_is_accepted():
+    shifts = load_config([], "monitoring").robustness.shifts
+    assert list(shifts) == list(SHIFTS) == list(OPERATORS)
+    for name, params in shifts.items():
+        assert [check(name, p) for p in params] == [float(p) for p in params], name
+
+
+@pytest.mark.parametrize("name", SHIFTS)
+@pytest.mark.parametrize("shape", [(1, 8, 8), (4, 12, 10), (3, 32, 5)], ids=["one-8x8", "four-12x10", "three-32x5"])
+def test_shift_smoke_shape_and_dtype(name, shape):
+    x = images(*shape)
+    out = shift(x, name, strongest(name), torch.Generator().manual_seed(0))
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+    assert torch.equal(x, images(*shape)), "the input was changed in place"
+
+
+@pytest.mark.parametrize("name", SHIFTS)
+def test_shift_is_deterministic_for_a_seed(name):
+    x, param = images(), strongest(name)
+    first = shift(x, name, param, torch.Generator().manual_seed(3))
+    assert torch.equal(first, shift(x, name, param, torch.Generator().manual_seed(3)))
+
+
+@pytest.mark.parametrize("name", list(NEUTRAL))
+def test_shift_with_a_neutral_parameter_keeps_the_images(name):
+    x = images()
+    out = shift(x, name, NEUTRAL[name], torch.Generator().manual_seed(0))
+    assert (out.int() - x.int()).abs().max() <= 1, name  # interpolation may round a level off
+
+
+@pytest.mark.parametrize("name", SHIFTS)
+@pytest.mark.parametrize(
+    "bad, what",
+    [
+        (images().float(), "torch.float32 [4, 3, 12, 10]"),
+        (images()[0], "torch.uint8 [3, 12, 10]"),
+        (images()[:, :1], "torch.uint8 [4, 1, 12, 10]"),
+        (images()[:0], "torch.uint8 [0, 3, 12, 10]"),
+    ],
+    ids=["float", "3-d", "gray", "empty"],
+)
+def test_shift_refuses_images_not_in_the_serving_form(name, bad, what):
+    expected = f"images must be uint8 RGB [N, 3, H, W] (the serving form), not {what}"
+    with pytest.raises(ShiftError, match=re.escape(expected)):
+        shift(bad, name, strongest(name), torch.Generator())
+
+
+@pytest.mark.parametrize("name", SHIFTS)
+def test_shift_refuses_a_parameter_out_of_range(name):
+    for param in (OUT_OF_RANGE[name], float("nan"), "strong"):
+        with pytest.raises(ShiftError, match=rf"^{name}: parameter .* out of range, expected "):
+            shift(images(), name, param, torch.Generator())
+
+
+def test_unknown_shifts_and_non_tensors_are_refused():
+    with pytest.raises(ShiftError, match="unknown shift 'fog': use brightness, contrast"):
+        shift(images(), "fog", 1.0, torch.Generator())
+    with pytest.raises(ShiftError, match="images must be a torch.Tensor, not ndarray"):
+        shift(images().numpy(), "noise", 0.1, torch.Generator())

@@ -3,64 +3,43 @@
 import base64
 import json
 import logging
-import shutil
-import zipfile
-from pathlib import Path
+import subprocess
+import sys
 
 import pytest
 import torch
-from handler import Handler
-from serving import ImageClassifier, InputError, Settings, decode_image, images_in
-from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
-from tests.conftest import png
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-class Context:
-    """What TorchServe hands a handler: manifest, system properties, model-config, response statuses,
-    and TorchServe's real metrics cache loaded from the bundle's metrics.yaml."""
-
-    def __init__(self, model_dir, manifest: dict, model_yaml_config: dict) -> None:
-        self.metrics = MetricsCacheYamlImpl(str(ROOT / "metrics.yaml"))
-        self.metrics.initialize_cache()
-        self.metrics.model_name = manifest["model"]["modelName"]
-        self.manifest = manifest
-        self.system_properties = {"model_dir": str(model_dir), "gpu_id": None}
-        self.model_yaml_config = model_yaml_config
-        self.statuses: dict[int, tuple[int, str]] = {}
-        self.headers: dict[str, str] = {}
-
-    def set_response_status(self, code: int = 200, phrase: str = "", idx: int = 0) -> None:
-        self.statuses[idx] = (code, phrase)
-
-    def get_request_header(self, idx: int, key: str) -> str | None:
-        return self.headers.get(key)
+from handlers.classifier import ImageClassifier
+from handlers.decode import InputError, decode_image, images_in
+from handlers.handler import Handler
+from tests.client import close, png
+from training.archive import handler_files, read_manifest, read_model_config
 
 
 @pytest.fixture(scope="module")
-def model_dir(mar, tmp_path_factory):
-    out = tmp_path_factory.mktemp("unpacked")
-    with zipfile.ZipFile(mar) as z:
-        z.extractall(out)
-    return out
+def core(model_dir, settings, cfg):
+    return ImageClassifier.from_dir(model_dir, settings(top_k=3), cfg.name, str(cfg.version))
 
 
 @pytest.fixture(scope="module")
-def core(model_dir):
-    return ImageClassifier.from_dir(model_dir, "model.pt", Settings(top_k=3), "digits_cnn", "1.0")
+def archived(mar, model_dir):
+    """What TorchServe hands the handler for the session's archive: model_dir, manifest, model-config."""
+    return model_dir, read_manifest(mar), read_model_config(mar)
 
 
 @pytest.fixture(scope="module")
-def handler(model_dir):
-    import yaml
-
-    manifest = json.loads((model_dir / "MAR-INF" / "MANIFEST.json").read_text())
-    config = yaml.safe_load((model_dir / "model-config.yaml").read_text())
+def handler(archived, make_context):
+    threads = torch.get_num_threads()
     h = Handler()
-    h.initialize(Context(model_dir, manifest, config))
-    return h, Context(model_dir, manifest, config)
+    h.initialize(make_context(*archived))
+    torch.set_num_threads(threads)  # initialize sets it for a worker process; this is the test process
+    return h
+
+
+@pytest.fixture
+def context(archived, make_context):
+    """A fresh context per test: per-request statuses do not leak between tests."""
+    return make_context(*archived)
 
 
 def test_core_matches_the_eager_model(core, eager, test_split):
@@ -76,7 +55,7 @@ def test_answers_follow_the_schema(core, test_split):
     [result] = core.handle([png(images[0])])
     assert result.status == 200
     body = result.body
-    assert body["model"] == "digits_cnn" and body["version"] == "1.0"
+    assert body["model"] == "digits_cnn" and body["version"] == "1.0"  # the default config's name and version
     assert len(body["top_k"]) == 3
     assert body["label"] == body["top_k"][0]["label"] and body["probability"] == body["top_k"][0]["probability"]
     probs = [c["probability"] for c in body["top_k"]]
@@ -84,8 +63,8 @@ def test_answers_follow_the_schema(core, test_split):
     assert all(c["label"] == str(c["index"]) for c in body["top_k"])
 
 
-def test_top_k_is_clipped_to_the_class_count(model_dir, test_split):
-    core = ImageClassifier.from_dir(model_dir, "model.pt", Settings(top_k=50))
+def test_top_k_is_clipped_to_the_class_count(model_dir, settings, test_split):
+    core = ImageClassifier.from_dir(model_dir, settings(top_k=50))
     [result] = core.handle([png(test_split[0][0])])
     assert len(result.body["top_k"]) == 10
 
@@ -118,8 +97,8 @@ def test_bad_input_gets_a_clear_status(core, payload, status, words):
     assert words in result.body["error"]
 
 
-def test_pixel_limit_is_checked_before_decoding(model_dir):
-    core = ImageClassifier.from_dir(model_dir, "model.pt", Settings(max_pixels=100))
+def test_pixel_limit_is_checked_before_decoding(model_dir, settings):
+    core = ImageClassifier.from_dir(model_dir, settings(max_pixels=100))
     [result] = core.handle([png(torch.zeros(3, 20, 20, dtype=torch.uint8))])
     assert result.status == 413
 
@@ -128,11 +107,11 @@ def test_one_bad_request_fails_alone_in_a_batch(core, test_split):
     good = png(test_split[0][0])
     results = core.handle([good, b"junk", good])
     assert [r.status for r in results] == [200, 415, 200]
-    assert results[0].body == results[2].body
+    assert close(results[0].body, results[2].body)
 
 
-def test_handler_adapter_sets_per_request_status(handler, test_split):
-    h, context = handler
+def test_handler_adapter_sets_per_request_status(handler, context, test_split):
+    h = handler
     good = png(test_split[0][1])
     out = h.handle([{"body": good}, {"data": bytearray(b"")}, {"data": good}], context)
     assert len(out) == 3
@@ -140,8 +119,8 @@ def test_handler_adapter_sets_per_request_status(handler, test_split):
     assert context.statuses == {1: (400, "empty body: send an image")}
 
 
-def test_handler_emits_the_declared_metrics(handler, test_split, caplog):
-    h, context = handler
+def test_handler_emits_the_declared_metrics(handler, context, test_split, caplog):
+    h = handler
     with caplog.at_level(logging.INFO, logger="ts.metrics.caching_metric"):
         h.handle([{"body": png(test_split[0][0])}, {"body": b"junk"}], context)
     lines = [r.getMessage() for r in caplog.records if "[METRICS]" in r.getMessage()]
@@ -155,15 +134,21 @@ def test_images_in_rejects_non_string_base64():
         images_in({"data": 42})
 
 
-def test_handler_files_import_without_torchserve(model_dir, tmp_path):
-    """The archive's Python files are self-contained: the core has no TorchServe import."""
-    shutil.copy(model_dir / "serving.py", tmp_path)
-    assert "import ts" not in (tmp_path / "serving.py").read_text()
-    assert "from ts" not in (tmp_path / "serving.py").read_text()
+def test_handler_files_import_without_torchserve(model_dir):
+    """The archive's serving core is self-contained: only handler.py (the adapter) imports TorchServe."""
+    packed = [model_dir / path for path in handler_files() if path.name != "handler.py"]
+    assert packed and all(path.is_file() for path in packed)
+    for path in packed:
+        text = path.read_text()
+        assert "import ts" not in text and "from ts" not in text, path
+    modules = ", ".join(f"handlers.{path.stem}" for path in packed if path.stem != "__init__")
+    blocked = f"import sys; sys.modules['ts'] = None; import {modules}"  # any `import ts` now fails
+    run = subprocess.run([sys.executable, "-c", blocked], cwd=model_dir, env={}, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
 
 
-def test_multipart_field_with_another_name_is_used(handler, test_split):
-    h, context = handler
+def test_multipart_field_with_another_name_is_used(handler, context, test_split):
+    h = handler
     good = png(test_split[0][2])
     [named, other] = h.handle([{"data": good}, {"file": good}], context)
-    assert json.loads(named) == json.loads(other)
+    assert close(json.loads(named), json.loads(other))

@@ -10,9 +10,6 @@ Run `python -m training.data` (Hydra overrides: `data=folder data.root=...`).
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import hydra
@@ -20,17 +17,21 @@ import lightning as L
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
+
+from common.cli import BundleError, one_line_errors
+from common.io import atomic_dir
+from handlers.decode import InputError, decode_image, suffixes
+from training.preprocess import canonical
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 SPLITS = ("train", "val", "test")
 TORCHVISION = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
 
 
-class DataError(ValueError):
+class DataError(BundleError):
     """The input data cannot be turned into a dataset; the message says why."""
 
 
@@ -44,15 +45,16 @@ def load_digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 
 def read_image(path: Path, size: int, channels: int) -> np.ndarray:
-    """One image file as uint8 [C, size, size], EXIF orientation applied."""
+    """One image file as uint8 [C, size, size]: decoded by the handler's decoder, resized by the graph's resize.
+
+    `canonical` is the serving graph's own first steps, so a folder image and its canonical form
+    differ only by the rounding to uint8: no training/serving skew.
+    """
     try:
-        with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img).convert("L" if channels == 1 else "RGB")
-            img = img.resize((size, size), Image.Resampling.BILINEAR)
-    except (UnidentifiedImageError, OSError) as err:
+        rgb = decode_image(path.read_bytes(), max_pixels=Image.MAX_IMAGE_PIXELS or 10**9)
+    except (InputError, OSError) as err:
         raise DataError(f"cannot read image {path}: {err}") from err
-    array = np.asarray(img, dtype=np.uint8)
-    return array[None] if channels == 1 else array.transpose(2, 0, 1)
+    return canonical(rgb[None], size, channels)[0].numpy()
 
 
 def load_folder(root: Path, size: int, channels: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -64,9 +66,9 @@ def load_folder(root: Path, size: int, channels: int) -> tuple[np.ndarray, np.nd
         raise DataError(f"{root} needs at least two class sub-folders, found {len(classes)}")
     images, labels = [], []
     for index, name in enumerate(classes):
-        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in suffixes())
         if not files:
-            raise DataError(f"class folder {root / name} has no PNG or JPEG images")
+            raise DataError(f"class folder {root / name} has no images ({', '.join(sorted(suffixes()))})")
         images += [read_image(f, size, channels) for f in files]
         labels += [index] * len(files)
     return np.stack(images), np.asarray(labels, dtype=np.int64), classes
@@ -148,18 +150,11 @@ def make_dataset(cfg: DictConfig) -> Path:
         "seed": cfg.seed,
     }
     out = Path(cfg.paths.data)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         for split, (x, y) in splits.items():
             np.savez_compressed(tmp / f"{split}.npz", images=x, labels=y)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         write_samples(tmp / "samples", *splits["test"], classes)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -208,10 +203,8 @@ class ImageDataModule(L.LightningDataModule):
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
+    with one_line_errors():
         out = make_dataset(cfg)
-    except DataError as err:
-        raise SystemExit(f"error: {err}") from None
     meta = read_meta(out)
     log.info("wrote %s: %s images per split, classes %s", out, meta["counts"], meta["classes"])
 

@@ -15,10 +15,13 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from common.cli import BundleError, one_line_errors
+from common.io import atomic_path, write_json
+from handlers import files
 from handlers.drift import Reference
 from training.data import DataError, load_split
-from training.io import atomic_path, write_json
 from training.model import Classifier
+from training.train import CHECKPOINT
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +29,7 @@ BATCH_SIZES = (1, 7, 32)
 TOLERANCE = 1e-5
 
 
-class ExportError(RuntimeError):
+class ExportError(BundleError):
     """The TorchScript graph does not reproduce the eager model."""
 
 
@@ -88,7 +91,7 @@ def reference(eager: nn.Module, data_dir: str) -> Reference:
 
 def export(cfg: DictConfig) -> Path:
     out = Path(cfg.paths.artifacts)
-    checkpoint = out / "model.ckpt"
+    checkpoint = out / CHECKPOINT
     if not checkpoint.is_file():
         raise DataError(f"no checkpoint at {checkpoint}: run `python -m training.train` first")
     classifier = Classifier.load_from_checkpoint(checkpoint, map_location="cpu")
@@ -100,21 +103,19 @@ def export(cfg: DictConfig) -> Path:
     if constants := tensor_constants(scripted):
         raise ExportError(f"graph holds device-bound tensor constants: {constants[:3]}")
     diff = verify(scripted, eager, images)
-    with atomic_path(out / "model.pt") as tmp:
+    with atomic_path(out / files.MODEL) as tmp:
         torch.jit.save(scripted, str(tmp))
     classes = classifier.hparams.classes
-    write_json(out / "index_to_name.json", {str(i): name for i, name in enumerate(classes)})
-    write_json(out / "drift_reference.json", reference(eager, cfg.paths.data).to_json())
-    log.info("wrote %s (max abs diff vs eager %.1e at batch sizes %s)", out / "model.pt", diff, BATCH_SIZES)
-    return out / "model.pt"
+    write_json(out / files.LABELS, {str(i): name for i, name in enumerate(classes)})
+    write_json(out / files.REFERENCE, reference(eager, cfg.paths.data).to_json())
+    log.info("wrote %s (max abs diff vs eager %.1e at batch sizes %s)", out / files.MODEL, diff, BATCH_SIZES)
+    return out / files.MODEL
 
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
+    with one_line_errors():
         export(cfg)
-    except (DataError, ExportError) as err:
-        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -14,20 +14,33 @@ from torch import Tensor, nn
 RGB_TO_GRAY = (0.299, 0.587, 0.114)
 
 
-def preprocess(images: Tensor, size: int, mean: Tensor, std: Tensor, rgb_weights: Tensor) -> Tensor:
-    """uint8 (or float in [0, 1]) images [B, 1|3, H, W] -> normalised float [B, len(mean), size, size].
+def resize_to(x: Tensor, size: int, channels: int, rgb_weights: Tensor) -> Tensor:
+    """float images [B, 1|3, H, W] in [0, 1] -> [B, channels, size, size].
 
     "area" resizing averages pixels when shrinking (no aliasing from large uploads) and
     traces without shape-dependent constants, so one graph serves any input size.
     """
-    x = images.float() / 255 if images.dtype == torch.uint8 else images
     x = resize(x, (size, size), interpolation="area")
-    channels = mean.shape[0]
     if x.shape[1] == 3 and channels == 1:
         x = rgb_to_grayscale(x, rgb_weights)
     elif x.shape[1] == 1 and channels == 3:
         x = grayscale_to_rgb(x)
-    return normalize(x, mean, std)
+    return x
+
+
+def preprocess(images: Tensor, size: int, mean: Tensor, std: Tensor, rgb_weights: Tensor) -> Tensor:
+    """uint8 (or float in [0, 1]) images [B, 1|3, H, W] -> normalised float [B, len(mean), size, size]."""
+    x = images.float() / 255 if images.dtype == torch.uint8 else images
+    return normalize(resize_to(x, size, mean.shape[0], rgb_weights), mean, std)
+
+
+def canonical(images: Tensor, size: int, channels: int) -> Tensor:
+    """uint8 images [B, 1|3, H, W] -> uint8 [B, channels, size, size] by the graph's own resize and conversion.
+
+    Datasets store images in this form; the graph maps it to what it maps the original to, up to rounding.
+    """
+    x = resize_to(images.float() / 255, size, channels, torch.tensor(RGB_TO_GRAY))
+    return (x * 255).round().clamp(0, 255).to(torch.uint8)
 
 
 class Preprocess(nn.Module):

@@ -13,11 +13,15 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
-from training.data import DataError, ImageDataModule
-from training.io import write_json
+from common.cli import one_line_errors
+from common.io import write_json
+from training.data import ImageDataModule
 from training.model import Classifier
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT = "model.ckpt"  # the best checkpoint, in paths.artifacts
+METRICS = "metrics.json"
 
 
 def train(cfg: DictConfig) -> dict:
@@ -36,7 +40,12 @@ def train(cfg: DictConfig) -> dict:
     trainer_cfg = dict(cfg.trainer)
     patience = trainer_cfg.pop("early_stopping_patience")
     checkpoint = ModelCheckpoint(
-        dirpath=out, filename="model", monitor="val_acc", mode="max", save_top_k=1, enable_version_counter=False
+        dirpath=out,
+        filename=Path(CHECKPOINT).stem,
+        monitor="val_acc",
+        mode="max",
+        save_top_k=1,
+        enable_version_counter=False,
     )
     trainer = L.Trainer(
         **trainer_cfg,
@@ -55,17 +64,15 @@ def train(cfg: DictConfig) -> dict:
         "epochs": trainer.current_epoch,
         "train_seconds": round(seconds, 2),
     }
-    write_json(out / "metrics.json", metrics)
+    write_json(out / METRICS, metrics)
     log.info("best checkpoint %s: %s", checkpoint.best_model_path, metrics)
     return metrics
 
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
+    with one_line_errors():
         train(cfg)
-    except DataError as err:
-        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Accuracy of the exported model under realistic input shifts: `python -m training.robustness [Hydra overrides]`.
+"""Accuracy of the exported model under realistic input shifts: `python -m monitoring.robustness [Hydra overrides]`.
 
 Each shift of `robustness.shifts` (configs/monitoring.yaml) is applied at increasing severities to the
 test split in the serving input form (uint8 RGB [N, 3, H, W], what the handler hands the TorchScript
@@ -8,83 +8,29 @@ mean accuracy under shift, overall and per shift) and robustness_plot.csv (DVC p
 shift, one row per severity).
 """
 
-import io
+import json
 import logging
-import math
-from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 
 import hydra
-import kornia
-import numpy as np
 import torch
 from omegaconf import DictConfig
-from PIL import Image
 from torch import Tensor
 
+from common.cli import BundleError, one_line_errors
+from common.io import atomic_path
+from monitoring.shifts import SHIFTS, check, shift
 from training.data import load_split
 from training.export import as_rgb
-from training.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
-SHIFTS = ("brightness", "contrast", "blur", "noise", "rotation", "scale", "translate", "jpeg", "inversion")
+REPORT = ("robustness.md", "robustness.png", "robustness.json", "robustness_plot.csv")
 
 
-class RobustnessError(RuntimeError):
+class RobustnessError(BundleError):
     """The report cannot be made; the message says why."""
-
-
-def to_float(images: Tensor) -> Tensor:
-    return images.float() / 255
-
-
-def to_uint8(images: Tensor) -> Tensor:
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def blur(images: Tensor, sigma: float) -> Tensor:
-    """Gaussian blur; the kernel covers +-3 sigma, capped so that reflect padding fits the image."""
-    size = 2 * math.ceil(3 * sigma) + 1
-    size = min(size, 2 * min(images.shape[-2:]) - 1)
-    sigmas = torch.tensor([[sigma, sigma]]).expand(len(images), 2)
-    return kornia.filters.gaussian_blur2d(images, (size, size), sigmas)
-
-
-def jpeg(images: Tensor, quality: int) -> Tensor:
-    """A real JPEG round trip through Pillow, as a client's camera or upload form would do."""
-    out = []
-    for image in images:
-        buf = io.BytesIO()
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(buf, format="JPEG", quality=int(quality))
-        decoded = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-        out.append(torch.from_numpy(np.asarray(decoded).copy()))
-    return torch.stack(out).permute(0, 3, 1, 2).contiguous()
-
-
-def shift(images: Tensor, name: str, param: float, generator: torch.Generator) -> Tensor:
-    """uint8 RGB [N, 3, H, W] -> the same images under shift `name` with parameter `param`."""
-    n = len(images)
-    if name == "jpeg":
-        return jpeg(images, int(param))
-    if name == "inversion":  # a seeded subset; a larger share contains the smaller one
-        chosen = torch.randperm(n, generator=generator)[: round(param * n)]
-        out = images.clone()
-        out[chosen] = 255 - out[chosen]
-        return out
-    x = to_float(images)
-    ops: dict[str, Callable[[], Tensor]] = {
-        "brightness": lambda: kornia.enhance.adjust_brightness(x, param),
-        "contrast": lambda: kornia.enhance.adjust_contrast(x, param),
-        "blur": lambda: blur(x, param),
-        "noise": lambda: x + param * torch.randn(x.shape, generator=generator),
-        "rotation": lambda: kornia.geometry.transform.rotate(x, torch.full((n,), float(param))),
-        "scale": lambda: kornia.geometry.transform.scale(x, torch.full((n, 2), float(param))),
-        "translate": lambda: kornia.geometry.transform.translate(
-            x, torch.tensor([[param * x.shape[-1], param * x.shape[-2]]]).expand(n, 2)
-        ),
-    }
-    return to_uint8(ops[name]())
 
 
 def accuracy(model: torch.nn.Module, images: Tensor, labels: Tensor, batch_size: int = 256) -> float:
@@ -140,38 +86,49 @@ def plot(result: dict, model: str, path: Path) -> None:
     ax = fig.subplots()
     for name, r in result["shifts"].items():
         ax.plot(range(len(r["accuracy"])), r["accuracy"], marker="o", label=name)
-    ax.set(xlabel="severity (0 = clean)", ylabel="top-1 accuracy", ylim=(0, 1.02), title=f"Robustness of {model}")
+    ax.set(xlabel="severity (0 = clean)", ylabel="top-1 accuracy", ylim=(0, 1.02))
+    ax.set_title(f"Robustness of {model}", parse_math=False)  # a "$" in a name is no formula
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize="small", ncols=3)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    fig.savefig(path, format="png", dpi=100)
 
 
-def write_report(result: dict, out: Path, model: str, n: int) -> list[Path]:
+def metrics(result: dict) -> dict:
+    """DVC metrics: clean accuracy, mean accuracy under shift, overall and per shift."""
     shifts = result["shifts"]
-    metrics = {
+    shifted = [a for r in shifts.values() for a in r["accuracy"][1:]]
+    return {
         "clean": round(result["clean"], 4),
-        "mean_shifted": round(
-            sum(sum(r["accuracy"][1:]) for r in shifts.values()) / sum(len(r["accuracy"]) - 1 for r in shifts.values()),
-            4,
-        ),
+        "mean_shifted": round(sum(shifted) / len(shifted), 4),
         "mean_by_shift": {
             name: round(sum(r["accuracy"][1:]) / (len(r["accuracy"]) - 1), 4) for name, r in shifts.items()
         },
     }
+
+
+def plot_csv(result: dict) -> str:
+    """DVC plots: one row per severity, one column per shift."""
+    shifts = result["shifts"]
     levels = max(len(r["accuracy"]) for r in shifts.values())
     rows = ["severity," + ",".join(shifts)]
     for s in range(levels):
         rows.append(
             f"{s}," + ",".join(f"{r['accuracy'][s]:.4f}" if s < len(r["accuracy"]) else "" for r in shifts.values())
         )
-    paths = [out / name for name in ("robustness.md", "robustness.png", "robustness.json", "robustness_plot.csv")]
-    with atomic_path(paths[0]) as tmp:
-        tmp.write_text(markdown(result, model, n))
-    plot(result, model, paths[1])
-    write_json(paths[2], metrics)
-    with atomic_path(paths[3]) as tmp:
-        tmp.write_text("\n".join(rows) + "\n")
+    return "\n".join(rows) + "\n"
+
+
+def write_report(result: dict, out: Path, model: str, n: int) -> list[Path]:
+    """All four files or none: each is written beside its target, and all replace the old ones at the end."""
+    paths = [Path(out) / name for name in REPORT]
+    if blocked := [p for p in paths if p.exists() and not p.is_file()]:
+        raise RobustnessError(f"{blocked[0]} is in the way of the report and not a file: remove it")
+    with ExitStack() as stack:
+        md, png, metrics_json, csv = (stack.enter_context(atomic_path(p)) for p in paths)
+        md.write_text(markdown(result, model, n))
+        plot(result, model, png)
+        metrics_json.write_text(json.dumps(metrics(result), indent=2) + "\n")
+        csv.write_text(plot_csv(result))
     return paths
 
 
@@ -186,6 +143,9 @@ def robustness(cfg: DictConfig) -> dict:
         raise RobustnessError("robustness.shifts is empty: nothing to evaluate")
     if unknown := set(rc.shifts) - set(SHIFTS):
         raise RobustnessError(f"unknown shifts {sorted(unknown)} in robustness.shifts: use {', '.join(SHIFTS)}")
+    for name, params in rc.shifts.items():  # before minutes of evaluation
+        for param in params:
+            check(name, param)
     try:
         model = torch.jit.load(str(model_path), map_location="cpu").eval()
     except RuntimeError as err:
@@ -199,10 +159,8 @@ def robustness(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="../configs", config_name="monitoring", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    try:
+    with one_line_errors():
         robustness(cfg)
-    except RobustnessError as err:
-        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

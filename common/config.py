@@ -1,11 +1,12 @@
-"""Loads the Hydra config for code that is not a Hydra entry point (scripts, tests)."""
+"""Loads the Hydra config for code that is not a Hydra entry point (scripts, servers, tests)."""
 
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = ROOT / "configs"
 
 
 def load_config(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:

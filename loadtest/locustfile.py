@@ -1,7 +1,9 @@
 """Locust users that post real test-set images to TorchServe and check every answer.
 
-    locust -f locustfile.py --host http://127.0.0.1:8080                        # web UI on :8089
-    locust -f locustfile.py --host http://127.0.0.1:8080 --headless -u 16 -r 16 -t 30s
+    locust -f loadtest/locustfile.py --host http://127.0.0.1:8080                  # web UI on :8089
+    locust -f loadtest/locustfile.py --host http://127.0.0.1:8080 --headless -u 16 -r 16 -t 30s
+
+Run it from the repository root (Locust puts the working directory on sys.path: `loadtest`, `common`).
 
 Each request is one test-set image (data/processed/<data>/test.npz, PNG-encoded in memory), sent
 as raw bytes, a multipart field `data`, JSON {"data": b64} or {"instances": [{"b64": ...}]}
@@ -14,7 +16,7 @@ Defaults come from configs/loadtest.yaml; each option has an environment variabl
 (LOCUST_KEY_FILE, TorchServe's key_file.json), --mix (LOCUST_MIX), --malformed-share
 (LOCUST_MALFORMED_SHARE), --wait-min/--wait-max (LOCUST_WAIT_MIN/MAX, seconds),
 --instances (LOCUST_INSTANCES), --summary-json (LOCUST_SUMMARY_JSON: exact latencies of the
-measured window, written at exit; scripts/loadtest.py checks its SLOs from it).
+measured window, written at exit; `make loadtest` checks its SLOs from it).
 """
 
 import base64
@@ -28,9 +30,12 @@ from pathlib import Path
 import numpy as np
 from locust import FastHttpUser, events, task
 
-from scripts.loadtest import check_answer, encode, load_config, parse_mix, read_token, summarize
+from common.config import load_config
+from common.io import write_json
+from loadtest.checks import check_answer, encode, parse_mix, read_token
+from loadtest.summary import MALFORMED_PREFIX, summarize
 
-DEFAULTS = load_config().loadtest
+DEFAULTS = load_config(config_name="loadtest").loadtest
 MALFORMED = ("empty", "not_an_image", "truncated", "bad_base64", "wrong_json", "bad_token")
 
 
@@ -126,8 +131,6 @@ def _record(name: str, response_time: float, exception: BaseException | None, **
 def _write_summary(environment, **_) -> None:
     target = getattr(environment.parsed_options, "summary_json", "")
     if target:
-        from training.io import write_json
-
         summary = summarize(recorder.rows, recorder.end - recorder.start, recorder.errors)
         write_json(target, {**summary, "sent": recorder.sent})
 
@@ -188,7 +191,7 @@ class ImageUser(FastHttpUser):
             body = json.dumps({"data": "@@not base64@@"} if kind == "bad_base64" else {"image": b64(image)})
         elif kind == "bad_token":
             body, headers["Authorization"] = image, "Bearer not-the-token"
-        name = f"malformed:{kind}"
+        name = f"{MALFORMED_PREFIX}{kind}"
         with self.client.post(scenario.path, data=body, headers=headers, name=name, catch_response=True) as r:
             if 400 <= r.status_code < 500:
                 r.success()

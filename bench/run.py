@@ -1,0 +1,131 @@
+"""`make bench`: prepare the models, measure every server (or the sweep's candidates), write the report."""
+
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from bench.measure import measure
+from bench.models import HEAVY, BenchError, log, prepare, unpack_model
+from bench.report import plot, report
+from bench.servers import comparison, describe
+from bench.sweep import sweep_report, sweep_servers
+from common.config import ROOT
+from common.io import write_json, write_text
+from servers.torchserve import CONFIG_PROPERTIES, read_properties
+from training.archive import read_model_config
+
+MODELS = ("digits", HEAVY)  # --models: the shipped archive, the heavier model
+
+
+@dataclass
+class Plan:
+    """How much to measure: bench.* of configs/loadtest.yaml, or bench.quick.*, or the command line."""
+
+    users: list[int]
+    repeats: int
+    run_time_s: float
+    warmup_s: float
+    inprocess_s: float
+    batch_sizes: list[int]
+
+    @classmethod
+    def of(cls, bench: DictConfig, quick: bool, users: list[int] | None, repeats: int | None, sweep: bool) -> "Plan":
+        chosen = {**bench, **(bench.quick if quick else {})}
+        return cls(
+            users=list(users or chosen["users"]),
+            repeats=repeats or chosen["repeats"],
+            run_time_s=chosen["run_time_s"],
+            warmup_s=chosen["warmup_s"],
+            inprocess_s=chosen["inprocess_s"],
+            batch_sizes=[] if sweep else list(bench.batch_sizes),
+        )
+
+
+def benchmark(
+    cfg: DictConfig,
+    overrides: list[str],
+    models: list[str] = MODELS,
+    quick: bool = False,
+    sweep: bool = False,
+    variants: list[str] | None = None,
+    users: list[int] | None = None,
+    repeats: int | None = None,
+    fastapi: bool = True,
+    retrain: bool = False,
+    out: str | None = None,
+    command: str = "",
+) -> None:
+    """Measure and write <out>/README.md, results.json and a plot per model (with `sweep`: tuning.md, tuning.json
+    for the first model's candidates). `overrides` are the Hydra overrides that made `cfg` (the heavy model's too)."""
+    started = time.monotonic()
+    plan = Plan.of(cfg.bench, quick, users, repeats, sweep)
+    goals = OmegaConf.to_container(cfg.bench.goals, resolve=True)
+    out, workdir = Path(out or cfg.bench.out), ROOT / cfg.bench.workdir
+    default_threads = torch.get_num_threads()  # the stock server's: torch's default on this machine
+    prepared = prepare(cfg, overrides, models[:1] if sweep else models, retrain)
+    tuned_props = read_properties(CONFIG_PROPERTIES)
+    results = {"runs": [], "ready": [], "inprocess": [], "errors": []}
+    load_start = os.getloadavg()[0]
+    log(f"load average {load_start:.1f}; models {', '.join(m.name for m in prepared)}; users {plan.users}")
+    tuned_config = {}
+    for model in prepared:
+        unpack_model(model, workdir / model.key / "unpacked")
+        shipped = read_model_config(model.mar)
+        tuned_config = tuned_config or shipped
+        if sweep:
+            at = plan.users[0] if len(plan.users) == 1 else goals["users"]
+            servers = sweep_servers(model, shipped, workdir, at, variants)
+        else:
+            mwork = workdir / model.key
+            servers = comparison(model, shipped, mwork, plan.users, goals["users"], default_threads, fastapi)
+        measure(model, servers, plan, workdir, results)
+
+    loads = [r["load1"] for r in results["runs"]] or [load_start]
+    busy = statistics.median(loads) > 2.5
+    results["meta"] = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "args": command,
+        "minutes": (time.monotonic() - started) / 60,
+        "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, Python "
+        f"{platform.python_version()}",
+        "torch": torch.__version__,
+        "torchserve": version("torchserve"),
+        "locust": version("locust"),
+        "load_start": load_start,
+        "load_end": os.getloadavg()[0],
+        "load_median": statistics.median(loads),
+        "note": (
+            "Other processes shared the CPU during the run (load above 2 on 2 cores): absolute numbers are low "
+            "and noisy; compare servers within this run."
+            if busy
+            else ""
+        ),
+        "run_time_s": plan.run_time_s,
+        "repeats": plan.repeats,
+        "users": plan.users,
+        "stock": f"one worker per core ({os.cpu_count()}), batchSize 1, maxBatchDelay 100, torch threads "
+        f"{default_threads}, log metrics, system metrics, synchronous logging",
+        "tuned": describe(tuned_config, tuned_props),
+        "goals": goals,
+    }
+    if sweep:
+        write_json(out / "tuning.json", results)
+        write_text(out / "tuning.md", sweep_report(results, prepared[0].key, servers[0].users[0]))
+        log(f"wrote {out / 'tuning.md'}")
+    else:
+        labels = [s.label for s in servers]
+        for model in prepared:
+            plot(results, model.key, labels, out / f"{model.key}.png")
+        write_json(out / "results.json", results)
+        heavy = next((m.key for m in prepared if m.cfg.model.name == HEAVY), None)
+        write_text(out / "README.md", report(results, [m.key for m in prepared], labels, heavy))
+        log(f"wrote {out / 'README.md'} ({(time.monotonic() - started) / 60:.1f} min)")
+    if results["errors"]:
+        raise BenchError(f"{len(results['errors'])} measurements failed, first: {results['errors'][0]}")

@@ -1,0 +1,99 @@
+"""The servers the benchmark compares, and starting one: TorchServe with an archive variant and a
+config.properties, or the FastAPI peer over the same serving core."""
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.models import Model, stock_model_config, variant
+from common.io import write_text
+from servers.fastapi import FastAPIPeer
+from servers.process import Process, ServerError
+from servers.torchserve import CONFIG_PROPERTIES, TorchServe, read_properties
+
+STOCK_PROPERTIES = ("inference_address", "management_address", "metrics_address")
+PERFORMANCE_PROPERTIES = (
+    "default_workers_per_model", "job_queue_size", "async_logging", "metrics_mode", "disable_system_metrics",
+    "number_of_netty_threads", "netty_client_threads", "vmargs",
+)  # fmt: skip
+FASTAPI = "FastAPI"
+
+
+@dataclass
+class Server:
+    """One way of serving a model: a TorchServe model store + properties, or (no store) the FastAPI peer."""
+
+    label: str
+    users: list[int]
+    store: Path | None = None
+    properties: Path | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Running:
+    host: str
+    token: str
+    ready_s: float
+    process: Process  # its process tree's CPU time is the server's cost
+
+
+def write_stock_properties(path: Path) -> Path:
+    """Only what a server needs to be reachable and safe here: loopback addresses. The rest is TorchServe's default."""
+    shipped = read_properties(CONFIG_PROPERTIES)
+    write_text(path, "".join(f"{k}={shipped[k]}\n" for k in STOCK_PROPERTIES))
+    return path
+
+
+def describe(model_config: dict, props: dict[str, str]) -> str:
+    keys = ("minWorkers", "batchSize", "maxBatchDelay")
+    parts = [f"{k} {model_config[k]}" for k in keys if k in model_config]
+    parts.append(f"torch threads {model_config.get('handler', {}).get('threads', '?')}")
+    parts += [f"{k}={v}" for k, v in props.items() if k in PERFORMANCE_PROPERTIES]
+    return ", ".join(parts)
+
+
+def comparison(
+    model: Model, shipped: dict, workdir: Path, users: list[int], goal_users: int, default_threads: int, fastapi: bool
+) -> list[Server]:
+    """stock, tuned (what ships), tuned with batch size 1 (at the goal's user counts), and FastAPI."""
+    stock = variant(model, workdir, "stock", stock_model_config(shipped, default_threads))
+    single = variant(model, workdir, "tuned_b1", {**shipped, "batchSize": 1})
+    servers = [
+        Server("stock", users, stock, write_stock_properties(workdir / "stock.properties")),
+        Server("tuned", users, model.mar.parent, CONFIG_PROPERTIES),
+        Server("tuned, batch 1", [u for u in users if u >= goal_users] or users[-1:], single, CONFIG_PROPERTIES),
+    ]
+    return [*servers, Server(FASTAPI, users)] if fastapi else servers
+
+
+def launch(process: FastAPIPeer | TorchServe, timeout: float) -> float:
+    """Start it and wait until it is ready (stopped again if it is not); the seconds that took."""
+    begin = time.monotonic()
+    process.start()
+    try:
+        process.wait_ready(timeout)
+    except BaseException:
+        process.stop()
+        raise
+    return time.monotonic() - begin
+
+
+def start(model: Model, server: Server, workdir: Path) -> Running:
+    """Start `server` in a fresh `workdir`, ready to answer; the caller stops running.process."""
+    if server.store is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+        peer = FastAPIPeer(model.mar, workdir)
+        return Running(peer.url(), peer.token, launch(peer, 120), peer)
+    for attempt in range(3):  # a free port can be taken by another process before TorchServe binds it
+        shutil.rmtree(workdir, ignore_errors=True)
+        ts = TorchServe(server.store, {model.name: model.mar.name}, workdir, server.properties, {}, server.extra)
+        try:
+            seconds = launch(ts, 300)
+        except ServerError as err:
+            if attempt < 2 and "in use" in str(err):
+                continue
+            raise
+        return Running(ts.url("inference"), ts.key() or "", seconds, ts)
+    raise AssertionError("unreachable")

@@ -1,0 +1,93 @@
+"""`--sweep`: one shipped setting changed at a time (model-config.yaml or config.properties), and tuning.md."""
+
+import statistics
+from pathlib import Path
+
+from bench.models import BenchError, Model, merge, variant
+from bench.report import median_rows
+from bench.servers import Server
+from common.io import write_text
+from servers.torchserve import CONFIG_PROPERTIES
+
+# Candidates for --sweep: (label, model-config.yaml changes, config.properties changes) over the shipped settings.
+SWEEP: list[tuple[str, dict, dict]] = [
+    ("shipped", {}, {}),
+    ("batch 1", {"batchSize": 1}, {}),
+    ("batch 4", {"batchSize": 4}, {}),
+    ("batch 8", {"batchSize": 8}, {}),
+    ("batch 16", {"batchSize": 16}, {}),
+    ("batch 32", {"batchSize": 32}, {}),
+    ("delay 1 ms", {"maxBatchDelay": 1}, {}),
+    ("delay 10 ms", {"maxBatchDelay": 10}, {}),
+    ("2 workers", {"minWorkers": 2, "maxWorkers": 2}, {}),
+    ("torch threads 2", {"handler": {"threads": 2}}, {}),
+    ("synchronous logging", {}, {"async_logging": "false"}),
+    ("netty threads 1+1", {}, {"number_of_netty_threads": "1", "netty_client_threads": "1"}),
+    ("netty threads: default", {}, {"number_of_netty_threads": "0", "netty_client_threads": "0"}),
+    ("system metrics off", {}, {"disable_system_metrics": "true"}),
+    ("system metrics on", {}, {"disable_system_metrics": "false"}),
+    ("JVM serial GC", {}, {"vmargs": "-XX:+UseSerialGC -XX:+ExitOnOutOfMemoryError"}),
+    ("quiet frontend logging", {}, {"vmargs": "-Dlog4j.configurationFile=file://{workdir}/log4j2-quiet.xml"}),
+]
+# TorchServe's own log4j2.xml minus the per-request lines: no access log, no DEBUG/INFO from the frontend.
+QUIET_LOG4J = """<?xml version="1.0" encoding="UTF-8"?>
+<Configuration>
+  <Appenders>
+    <Console name="STDOUT" target="SYSTEM_OUT"><PatternLayout pattern="%d{ISO8601} [%-5p] %t %c - %m%n"/></Console>
+  </Appenders>
+  <Loggers>
+    <Logger name="ACCESS_LOG" level="off"/>
+    <Logger name="MODEL_LOG" level="warn"/>
+    <Logger name="MODEL_METRICS" level="off"/>
+    <Logger name="TS_METRICS" level="off"/>
+    <Logger name="io.netty" level="error"/>
+    <Logger name="org.apache" level="off"/>
+    <Logger name="org.pytorch.serve" level="warn"/>
+    <Root level="warn"><AppenderRef ref="STDOUT"/></Root>
+  </Loggers>
+</Configuration>
+"""
+
+
+def sweep_servers(model: Model, shipped: dict, workdir: Path, users: int, labels: list[str] | None) -> list[Server]:
+    """The candidates named by `labels` (all when None), each at `users` Locust users."""
+    chosen = [c for c in SWEEP if not labels or c[0] in labels]
+    if not chosen:
+        raise BenchError(f"no sweep variant among {labels}: use {[c[0] for c in SWEEP]}")
+    write_text(workdir / "log4j2-quiet.xml", QUIET_LOG4J)
+    return [
+        Server(label, [users], variant(model, workdir / model.key, label, merge(shipped, changes)), CONFIG_PROPERTIES,
+               {k: v.format(workdir=workdir) for k, v in props.items()})
+        for label, changes, props in chosen
+    ]  # fmt: skip
+
+
+def sweep_report(results: dict, model: str, users: int) -> str:
+    medians = median_rows(results, model)
+    ready: dict[str, list[float]] = {}
+    for row in results["ready"]:
+        ready.setdefault(row["server"], []).append(row["s"])
+    base = medians.get(("shipped", users))
+    lines = [
+        "# Tuning sweep",
+        "",
+        f"`python -m scripts.bench --sweep` on {results['meta']['date']}: {model}, {users} Locust users, "
+        f"{results['meta']['repeats']} interleaved repeats (medians), the same load generator settings as the "
+        f"benchmark. Each row changes one setting of the shipped configuration ({results['meta']['tuned']}). "
+        f"Load average (1 min) median {results['meta']['load_median']:.1f}. {results['meta']['note']}",
+        "",
+        "| variant | req/s | vs shipped | p50 ms | p99 ms | server CPU ms/request | failures | READY s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for label, _, _ in SWEEP:
+        m = medians.get((label, users))
+        if m:
+            rel = f"{m['rps'] / base['rps']:.2f}×" if base and base["rps"] else ""
+            r = f"{statistics.median(ready[label]):.1f}" if label in ready else ""
+            lines.append(
+                f"| {label} | {m['rps']:.0f} | {rel} | {m['p50_ms']:.1f} | {m['p99_ms']:.1f} | {m['cpu_ms']:.2f} "
+                f"| {m['failures']} | {r} |"
+            )
+    if results["errors"]:
+        lines += ["", "Errors:", "", *[f"- {e}" for e in results["errors"]]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,54 @@
+"""The Vertex AI custom job (the training image's entrypoint, `python -m scripts.vertex_train`).
+
+Runs the pipeline's stages in one process (training.pipeline: data -> train -> export -> archive),
+then copies the .mar, the model, the label map and the training metrics to OUTPUT_DIR, by default
+the job's AIP_MODEL_DIR (gs://bucket/path, set by Vertex from baseOutputDirectory) read through
+Vertex's Cloud Storage mount /gcs/bucket/path (GCS_MOUNT). Without either they stay local.
+"""
+
+import logging
+import shutil
+from pathlib import Path
+
+from common.cli import BundleError
+from common.config import load_config
+from common.io import atomic_path
+from handlers import files
+from training import pipeline
+from training.train import METRICS
+
+log = logging.getLogger(__name__)
+
+
+class JobError(BundleError):
+    """The job's environment is wrong; the message says how."""
+
+
+def output_dir(env: dict[str, str]) -> Path | None:
+    """OUTPUT_DIR, else AIP_MODEL_DIR mapped from gs:// onto the GCS mount."""
+    if env.get("OUTPUT_DIR"):
+        return Path(env["OUTPUT_DIR"])
+    model_dir = env.get("AIP_MODEL_DIR", "")
+    if not model_dir:
+        return None
+    if not model_dir.startswith("gs://"):
+        raise JobError(f"AIP_MODEL_DIR {model_dir!r} is not a gs:// URI")
+    return Path(env.get("GCS_MOUNT", "/gcs")) / model_dir.removeprefix("gs://")
+
+
+def run(overrides: list[str], env: dict[str, str]) -> list[Path]:
+    """The pipeline, then the copies; returns the files written to the output folder."""
+    out = output_dir(env)  # a bad AIP_MODEL_DIR fails before hours of training
+    cfg = load_config(overrides)
+    mar = pipeline.run(cfg)["archive"]
+    if out is None:
+        log.warning("no OUTPUT_DIR or AIP_MODEL_DIR: the outputs stay in the container")
+        return []
+    artifacts = Path(cfg.paths.artifacts)
+    written = []
+    for src in (mar, *(artifacts / name for name in (files.MODEL, files.LABELS, METRICS))):
+        with atomic_path(out / src.name) as tmp:
+            shutil.copyfile(src, tmp)
+        written.append(out / src.name)
+    log.info("copied %s to %s", [p.name for p in written], out)
+    return written

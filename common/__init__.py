@@ -1,0 +1,1 @@
+"""Shared infrastructure: the config loader, atomic writes, the one-line CLI error."""

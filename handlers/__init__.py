@@ -1,0 +1,6 @@
+"""What runs inside TorchServe: packed into the .mar as the package `handlers/`, with handler.py at its root.
+
+decode.py: request payloads -> uint8 RGB tensors; classifier.py: tensors -> model -> answers;
+drift.py: what served traffic looks like against the training reference; handler.py: the
+TorchServe adapter. Only handler.py imports TorchServe.
+"""

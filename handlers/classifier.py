@@ -1,0 +1,206 @@
+"""The serving core: a batch of requests -> decode -> predict -> track drift -> encode answers.
+
+No TorchServe import: handler.py adapts it to TorchServe, and tests, benchmarks and the offline
+drift report call it directly. The model file holds the preprocessing (Kornia), so this module
+only hands it uint8 RGB images and formats the answer.
+"""
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from handlers import files
+from handlers.decode import InputError, decode_request
+from handlers.drift import DriftMonitor, Reference, features
+
+log = logging.getLogger(__name__)
+
+
+class SettingsError(ValueError):
+    """The archive's `handler:` section is missing a setting or has an unknown one."""
+
+
+@dataclass
+class Settings:
+    """The `handler:` section of the archive's model-config.yaml (written from configs/config.yaml's `serve:`)."""
+
+    top_k: int
+    max_pixels: int
+    threads: int
+    drift: dict
+    device: str = "cpu"
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> "Settings":
+        values = dict(values or {})
+        fields = cls.__dataclass_fields__
+        if missing := [k for k in fields if k not in values and k != "device"]:
+            raise SettingsError(f"the archive's handler settings lack {missing}: rebuild it with `make archive`")
+        if unknown := set(values) - set(fields):
+            raise SettingsError(f"unknown handler settings {sorted(unknown)}: known are {sorted(fields)}")
+        return cls(**values)
+
+
+@dataclass
+class Result:
+    """One request's answer: an HTTP status and a JSON-able body."""
+
+    status: int
+    body: dict = field(default_factory=dict)
+
+
+@dataclass
+class Decoded:
+    """The images of a batch of requests, which request owns each image, and the requests refused."""
+
+    images: list[torch.Tensor] = field(default_factory=list)
+    owners: list[int] = field(default_factory=list)
+    listed: set[int] = field(default_factory=set)  # requests that asked for {"instances": [...]}
+    errors: dict[int, InputError] = field(default_factory=dict)
+
+
+@dataclass
+class Batch:
+    """What one call did: the answers, and the timings and top predictions that metrics report."""
+
+    results: list[Result]
+    decode_ms: float = 0.0
+    inference_ms: float = 0.0
+    drift_ms: float = 0.0
+    top: list[tuple[str, float]] = field(default_factory=list)  # (label, probability) per answered image
+
+
+def labels_in(model_dir: Path) -> list[str]:
+    index = json.loads((model_dir / files.LABELS).read_text())
+    return [index[str(i)] for i in range(len(index))]
+
+
+class ImageClassifier:
+    """Loads the TorchScript model once; answers batches of requests."""
+
+    def __init__(
+        self,
+        model_path: Path | str,
+        labels: list[str],
+        settings: Settings,
+        name: str = "",
+        version: str = "",
+        reference: Reference | None = None,
+    ) -> None:
+        self.settings, self.labels, self.name, self.version = settings, labels, name, version
+        self.device = torch.device(settings.device)
+        self.model = torch.jit.load(str(model_path), map_location=self.device).eval()
+        self.top_k = max(1, min(settings.top_k, len(labels)))
+        drift = settings.drift
+        self.drift = DriftMonitor(reference, drift["window"], drift["min_samples"]) if reference else None
+
+    @classmethod
+    def from_dir(
+        cls, model_dir: Path | str, settings: Settings, name: str = "", version: str = "", model_file: str = files.MODEL
+    ) -> "ImageClassifier":
+        """The model, labels and drift reference as an archive (or the export) lays them out in `model_dir`."""
+        model_dir = Path(model_dir)
+        ref = model_dir / files.REFERENCE
+        reference = Reference.load(ref) if ref.is_file() else None
+        return cls(model_dir / model_file, labels_in(model_dir), settings, name, version, reference)
+
+    def drift_summary(self) -> dict:
+        """This worker's drift scores against the archive's reference, and which are over the threshold."""
+        if self.drift is None:
+            return {"status": "no reference in the archive"}
+        threshold = self.settings.drift["threshold"]
+        found = self.drift.scores()
+        summary = {"window": len(self.drift), "threshold": threshold, "scores": found}
+        if found is None:
+            return {**summary, "status": f"collecting: fewer than {self.drift.min_samples} images"}
+        drifted = sorted(name for name, score in found.items() if score > threshold)
+        return {**summary, "drifted": drifted, "status": "drift" if drifted else "ok"}
+
+    def warm_up(self) -> None:
+        self.predict([torch.zeros(3, 32, 32, dtype=torch.uint8)])
+
+    def decode(self, payloads: list[object]) -> Decoded:
+        """Every request's images; a bad request is recorded with its error and the others go on."""
+        out = Decoded()
+        for r, payload in enumerate(payloads):
+            try:
+                images, many = decode_request(payload, self.settings.max_pixels)
+            except InputError as err:
+                out.errors[r] = err
+                continue
+            if many:
+                out.listed.add(r)
+            out.images += images
+            out.owners += [r] * len(images)
+        return out
+
+    def predict(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """Class probabilities [N, classes]; images of one size run as one batch."""
+        probs = torch.empty(len(images), len(self.labels))
+        by_size: dict[tuple, list[int]] = {}
+        for i, img in enumerate(images):
+            by_size.setdefault(tuple(img.shape), []).append(i)
+        with torch.inference_mode():
+            for idx in by_size.values():
+                batch = torch.stack([images[i] for i in idx]).to(self.device)
+                probs[idx] = self.model(batch).float().cpu()
+        return probs
+
+    def track(self, images: list[torch.Tensor], probs: torch.Tensor) -> None:
+        """Add what was served to the drift window."""
+        if self.drift is not None and images:
+            top = probs.max(dim=1)
+            self.drift.add(features(images), top.indices.tolist(), top.values.tolist())
+
+    def answer(self, probs: torch.Tensor) -> dict:
+        """One image's answer: its top label and probability, and the top-k classes."""
+        top = probs.topk(self.top_k)
+        classes = [
+            {"label": self.labels[i], "index": i, "probability": round(p, 6)}
+            for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+        ]
+        return {"label": classes[0]["label"], "probability": classes[0]["probability"], "top_k": classes}
+
+    def encode(self, n: int, decoded: Decoded, answers: list[dict]) -> list[Result]:
+        """One Result per request: its error, its answer, or its list of answers."""
+        found: dict[int, list[dict]] = {}
+        for owner, answer in zip(decoded.owners, answers, strict=True):
+            found.setdefault(owner, []).append(answer)
+        results = []
+        for r in range(n):
+            if r in decoded.errors:
+                err = decoded.errors[r]
+                results.append(Result(err.status, {"error": str(err), "status": err.status}))
+                continue
+            body = {"model": self.name, "version": self.version}
+            if r in decoded.listed:
+                body["predictions"] = found[r]
+            else:
+                body.update(found[r][0])
+            results.append(Result(200, body))
+        return results
+
+    def run(self, payloads: list[object]) -> Batch:
+        """Answer a batch of requests; a bad request fails alone, the rest of the batch is answered."""
+        start = time.perf_counter()
+        decoded = self.decode(payloads)
+        decoded_at = time.perf_counter()
+        probs = self.predict(decoded.images)
+        inferred_at = time.perf_counter()
+        self.track(decoded.images, probs)
+        tracked_at = time.perf_counter()
+        answers = [self.answer(p) for p in probs]
+        return Batch(
+            results=self.encode(len(payloads), decoded, answers),
+            decode_ms=(decoded_at - start) * 1e3,
+            inference_ms=(inferred_at - decoded_at) * 1e3,
+            drift_ms=(tracked_at - inferred_at) * 1e3,
+            top=[(a["label"], a["probability"]) for a in answers],
+        )
+
+    def handle(self, payloads: list[object]) -> list[Result]:
+        return self.run(payloads).results

