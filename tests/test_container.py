@@ -75,8 +75,9 @@ def test_the_train_target_copies_every_package_its_entrypoint_imports():
     assert 'ENTRYPOINT ["python", "-m", "scripts.vertex_train"]' in stage
     code = (
         "import sys, scripts.vertex_train; from training.pipeline import stages; stages(); "
-        f"print(*sorted({{m.split('.')[0] for m, mod in sys.modules.items() if "
-        f"(getattr(mod, '__file__', None) or '').startswith({str(ROOT) + '/'!r})}}))"
+        "own = lambda f: f.startswith(" + repr(str(ROOT) + "/") + ") and not f.startswith(sys.prefix + '/'); "
+        "print(*sorted({m.split('.')[0] for m, mod in sys.modules.items() "
+        "if own(getattr(mod, '__file__', None) or '')}))"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr
