@@ -57,12 +57,16 @@ COPY configs /app/configs
 COPY common /app/common
 COPY handlers /app/handlers
 COPY training /app/training
+COPY experiments /app/experiments
 COPY servers /app/servers
 COPY monitoring /app/monitoring
 COPY cloud /app/cloud
 COPY scripts /app/scripts
 WORKDIR /app
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1
+# No .git in the image: the commit that the archive's lineage names comes from the build,
+# `--build-arg GIT_COMMIT=$(git rev-parse HEAD)`; without it the archive stage refuses (archive.require_lineage).
+ARG GIT_COMMIT=unknown
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 GIT_COMMIT=$GIT_COMMIT
 ENTRYPOINT ["python", "-m", "scripts.vertex_train"]
 
 # ---- models: the archive baked into the image. A build may replace this stage with a folder

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from common.cli import BundleError
 from common.config import ROOT
 from common.io import write_text
+from experiments.lineage import git_state
 from servers.torchserve import read_properties
 
 CLOUDBUILD = ROOT / "cloud" / "cloudbuild.yaml"
@@ -145,7 +146,8 @@ def vertex_spec(subs: dict[str, str], project: str, bucket: str, machine: str, o
 
 def train_commands(subs: dict[str, str], project: str, spec_path: Path) -> list[list[str]]:
     keys = ("_REGION", "_REPOSITORY", "_MODEL_NAME", "_MODEL_VERSION")
-    pairs = ",".join(f"{k}={subs[k]}" for k in keys)
+    commit, _ = git_state()  # the image has no .git: the archive's lineage takes the commit from the build
+    pairs = ",".join([*(f"{k}={subs[k]}" for k in keys), f"_GIT_COMMIT={commit}"])
     return [
         ["gcloud", "services", "enable", "aiplatform.googleapis.com", *APIS[1:], f"--project={project}"],
         ["gcloud", "builds", "submit", f"--project={project}", f"--config={CLOUDBUILD_TRAIN.relative_to(ROOT)}",

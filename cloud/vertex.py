@@ -1,7 +1,8 @@
 """The Vertex AI custom job (the training image's entrypoint, `python -m scripts.vertex_train`).
 
 Runs the pipeline's stages in one process (training.pipeline: data -> train -> export -> archive),
-then copies the .mar, the model, the label map and the training metrics to OUTPUT_DIR, by default
+then copies the .mar, the model, the label map, the lineage and the training metrics (and the local
+tracking store runs/, unless MLFLOW_TRACKING_URI names a team server) to OUTPUT_DIR, by default
 the job's AIP_MODEL_DIR (gs://bucket/path, set by Vertex from baseOutputDirectory) read through
 Vertex's Cloud Storage mount /gcs/bucket/path (GCS_MOUNT). Without either they stay local.
 """
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from common.cli import BundleError
 from common.config import load_config
-from common.io import atomic_path
+from common.io import atomic_dir, atomic_path
 from handlers import files
 from training import pipeline
 from training.train import METRICS
@@ -46,9 +47,14 @@ def run(overrides: list[str], env: dict[str, str]) -> list[Path]:
         return []
     artifacts = Path(cfg.paths.artifacts)
     written = []
-    for src in (mar, *(artifacts / name for name in (files.MODEL, files.LABELS, METRICS))):
+    for src in (mar, *(artifacts / name for name in (files.MODEL, files.LABELS, files.LINEAGE, METRICS))):
         with atomic_path(out / src.name) as tmp:
             shutil.copyfile(src, tmp)
         written.append(out / src.name)
+    runs = Path(cfg.paths.runs)
+    if runs.is_dir() and not env.get("MLFLOW_TRACKING_URI"):  # a local store ends with the container
+        with atomic_dir(out / runs.name) as tmp:
+            shutil.copytree(runs, tmp, dirs_exist_ok=True)
+        written.append(out / runs.name)
     log.info("copied %s to %s", [p.name for p in written], out)
     return written

@@ -43,7 +43,7 @@ class Handler:
 
     def handle(self, data: list[dict], context) -> list[str]:
         if context.get_request_header(0, "describe") == "True":  # GET /models/<name>?customized=true
-            return [json.dumps({"drift": self.classifier.drift_summary()})]
+            return [json.dumps({"drift": self.classifier.drift_summary(), "lineage": self.classifier.lineage})]
         batch = self.classifier.run([payload(row) for row in data])
         for idx, result in enumerate(batch.results):
             if result.status != 200:

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from common.cli import BundleError, one_line_errors
 from common.io import atomic_path
+from experiments import tracking
 from monitoring.shifts import SHIFTS, check, shift
 from training.data import load_split
 from training.export import as_rgb
@@ -154,6 +155,7 @@ def robustness(cfg: DictConfig) -> dict:
     result = evaluate(model, images, labels, dict(rc.shifts), rc.batch_size, rc.seed)
     paths = write_report(result, Path(rc.out), cfg.name, len(labels))
     log.info("clean accuracy %.3f; wrote %s", result["clean"], ", ".join(map(str, paths)))
+    tracking.attach(model_path.parent, paths, "robustness")  # to the run that trained the model, if tracked
     return result
 
 

@@ -68,6 +68,7 @@ def test_cloudbuild_defaults_are_what_deploy_derives_from_the_config(default_sub
     declared = yaml.safe_load((CLOUD / "cloudbuild.yaml").read_text())["substitutions"]
     assert {k: str(v) for k, v in declared.items()} == default_subs
     train = yaml.safe_load((CLOUD / "cloudbuild-train.yaml").read_text())["substitutions"]
+    assert train.pop("_GIT_COMMIT") == "unknown"  # deploy.py passes the checkout's commit (the image has no .git)
     assert {k: str(v) for k, v in train.items()} == {k: default_subs[k] for k in train}
 
 
@@ -152,6 +153,8 @@ def test_train_dry_run_renders_the_vertex_job(tmp_path, monkeypatch, capsys):
     assert container["args"] == ["trainer.max_epochs=3"]
     assert spec["baseOutputDirectory"]["outputUriPrefix"] == "gs://my-bucket/vertex/digits_cnn"
     assert "--config=cloud/cloudbuild-train.yaml" in out
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert f"_GIT_COMMIT={head or 'unknown'}" in out  # the image has no .git: the build gets the commit
     job = "gcloud ai custom-jobs create --project=my-proj --region=europe-west1 --display-name=digits_cnn-train"
     assert f"{job} --config={spec_path}" in out
 
@@ -203,13 +206,15 @@ def test_vertex_job_maps_its_model_dir_onto_the_gcs_mount():
 
 def test_vertex_entrypoint_runs_the_pipeline_and_copies_the_outputs(tmp_path):
     """The training image's entrypoint, in this process (1 epoch), as Vertex sets its environment."""
-    overrides = [f"paths.{key}={tmp_path}/{key}" for key in ("data", "artifacts", "model_store")]
+    overrides = [f"paths.{key}={tmp_path}/{key}" for key in ("data", "artifacts", "model_store", "runs")]
     overrides += ["trainer.max_epochs=1", "trainer.enable_progress_bar=false"]
     env = {"AIP_MODEL_DIR": "gs://bucket/vertex/model/", "GCS_MOUNT": str(tmp_path / "gcs")}
     written = vertex.run(overrides, env)
     out = tmp_path / "gcs" / "bucket" / "vertex" / "model"
-    assert written == [out / name for name in ("digits_cnn.mar", "model.pt", "index_to_name.json", "metrics.json")]
-    assert all(path.stat().st_size > 0 for path in written)
+    names = ("digits_cnn.mar", "model.pt", "index_to_name.json", "lineage.json", "metrics.json", "runs")
+    assert written == [out / name for name in names]
+    assert all(path.stat().st_size > 0 for path in written[:-1])
+    assert (out / "runs" / "mlflow.db").is_file()  # the local tracking store outlives the container
     assert read_manifest(out / "digits_cnn.mar")["model"]["modelName"] == "digits_cnn"
 
 

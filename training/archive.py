@@ -1,8 +1,9 @@
 """Pack the exported model into <model_store>/<name>.mar, and read archives back.
 
 The archive holds the TorchScript model (with its preprocessing), handler.py at its root (what
-TorchServe loads) with the `handlers/` package it imports, the label map, the drift reference
-and a model-config.yaml built from the `serve:` config section.
+TorchServe loads) with the `handlers/` package it imports, the label map, the drift reference,
+the lineage (training run, data hash, git commit) and a model-config.yaml built from the `serve:` config
+section. It refuses a model whose run it cannot identify unless `archive.require_lineage=false`.
 """
 
 import json
@@ -19,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.cli import BundleError
 from common.config import ROOT
-from common.io import atomic_path
+from common.io import atomic_path, write_json
+from experiments import lineage
 from handlers import files
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,12 @@ def read_manifest(mar: Path | str) -> dict:
 def read_model_config(mar: Path | str) -> dict:
     with zipfile.ZipFile(mar) as z:
         return yaml.safe_load(z.read(files.MODEL_CONFIG))
+
+
+def read_lineage(mar: Path | str) -> dict | None:
+    """The training run, data hash and git commit the archive's model comes from (None: an older archive)."""
+    with zipfile.ZipFile(mar) as z:
+        return json.loads(z.read(files.LINEAGE)) if files.LINEAGE in z.namelist() else None
 
 
 def unpack(mar: Path | str, folder: Path | str) -> Path:
@@ -92,6 +100,15 @@ def archive(cfg: DictConfig) -> Path:
     for path in (model, labels, reference):
         if not path.is_file():
             raise ArchiveError(f"{path} not found: run `python -m training.export` first")
+    record = lineage.read(artifacts)
+    if found := lineage.problems(record):
+        if OmegaConf.select(cfg, "archive.require_lineage", default=True):
+            raise ArchiveError(
+                f"cannot identify the run that trained {model}: {'; '.join(found)} "
+                "(retrain with a logger, or pass archive.require_lineage=false)"
+            )
+        log.warning("packing %s without a full lineage: %s", model, "; ".join(found))
+        record = {**(record or {}), "problems": found}
     target = Path(cfg.paths.model_store) / f"{cfg.name}.mar"
     with tempfile.TemporaryDirectory() as tmp:
         extra = Path(tmp) / "extra"  # its contents land at the archive's root
@@ -100,6 +117,7 @@ def archive(cfg: DictConfig) -> Path:
             shutil.copy2(ROOT / src, extra / src)
         for src in (labels, reference):
             shutil.copy2(src, extra / src.name)
+        write_json(extra / files.LINEAGE, record)
         config = Path(tmp) / files.MODEL_CONFIG
         config.write_text(yaml.safe_dump(model_config(cfg), sort_keys=False))
         cmd = [
@@ -116,7 +134,8 @@ def archive(cfg: DictConfig) -> Path:
         if run.returncode != 0:
             raise ArchiveError(f"torch-model-archiver failed: {run.stderr.strip().splitlines()[-1:]}")
         built = Path(tmp) / f"{cfg.name}.mar"
-        expected = {files.MODEL, HANDLER.name, labels.name, reference.name, config.name, *map(str, handler_files())}
+        expected = {files.MODEL, HANDLER.name, labels.name, reference.name, files.LINEAGE, config.name}
+        expected |= set(map(str, handler_files()))
         check(built, cfg.name, str(cfg.version), expected)
         with atomic_path(target) as out:
             shutil.copyfile(built, out)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from common.cli import BundleError, one_line_errors
 from common.io import atomic_path, write_json
+from experiments import tracking
 from handlers import files
 from handlers.drift import Reference
 from training.data import DataError, load_split
@@ -109,6 +110,7 @@ def export(cfg: DictConfig) -> Path:
     write_json(out / files.LABELS, {str(i): name for i, name in enumerate(classes)})
     write_json(out / files.REFERENCE, reference(eager, cfg.paths.data).to_json())
     log.info("wrote %s (max abs diff vs eager %.1e at batch sizes %s)", out / files.MODEL, diff, BATCH_SIZES)
+    tracking.attach(out, [out / files.MODEL])  # to the training run that lineage.json names
     return out / files.MODEL
 
 

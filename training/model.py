@@ -65,7 +65,7 @@ class Classifier(L.LightningModule):
 
     def __init__(self, model: dict, augment: dict, classes: list[str], mean: list[float], std: list[float]) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the run logs the whole resolved config instead
         model, augment = DictConfig(model), DictConfig(augment)
         self.preprocess = Preprocess(model.input_size, mean, std)
         self.backbone = build_backbone(model, len(mean), len(classes))

@@ -1,6 +1,8 @@
 """Train the classifier: `python -m training.train [Hydra overrides]`.
 
-Writes to `paths.artifacts`: model.ckpt (best by val accuracy) and metrics.json.
+Writes to `paths.artifacts`: model.ckpt (best by val accuracy), metrics.json and lineage.json (the tracked
+run, the data hash, the git commit: experiments/lineage.py). The `logger` config group picks the tracker
+(experiments/tracking.py); `trainer.profiler=simple|advanced|pytorch` profiles the run.
 """
 
 import logging
@@ -10,12 +12,13 @@ from pathlib import Path
 import hydra
 import lightning as L
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from common.cli import one_line_errors
 from common.io import write_json
-from training.data import ImageDataModule
+from experiments import lineage, plots, tracking
+from experiments.profile import training_profiler
+from training.data import ImageDataModule, load_split
 from training.model import Classifier
 
 log = logging.getLogger(__name__)
@@ -24,10 +27,18 @@ CHECKPOINT = "model.ckpt"  # the best checkpoint, in paths.artifacts
 METRICS = "metrics.json"
 
 
-def train(cfg: DictConfig) -> dict:
-    """Fit, keep the best checkpoint, test it; return the metrics that were written."""
+def train(cfg: DictConfig, callbacks: tuple = (), logger: object = None, report: bool = True) -> dict:
+    """Fit, keep the best checkpoint, test it; return the metrics that were written.
+
+    `logger`: a Lightning logger (the hyperparameter search passes its trial's), else the `logger` config's.
+    `report`: log the curves and the confusion matrix to the run and write lineage.json.
+    """
     L.seed_everything(cfg.seed, workers=True)
     out = Path(cfg.paths.artifacts)
+    origin = lineage.source(cfg.paths.data)  # before training: the code and data it starts from
+    logger = logger if logger is not None else tracking.make_logger(cfg)
+    tracking.start(logger, cfg, origin)
+    history = tracking.History()
     data = ImageDataModule(cfg.paths.data, cfg.data.batch_size, cfg.data.num_workers)
     meta = data.meta
     model = Classifier(
@@ -39,6 +50,7 @@ def train(cfg: DictConfig) -> dict:
     )
     trainer_cfg = dict(cfg.trainer)
     patience = trainer_cfg.pop("early_stopping_patience")
+    profiler = training_profiler(trainer_cfg.pop("profiler"), trainer_cfg.pop("profiler_dir"))
     checkpoint = ModelCheckpoint(
         dirpath=out,
         filename=Path(CHECKPOINT).stem,
@@ -50,8 +62,9 @@ def train(cfg: DictConfig) -> dict:
     trainer = L.Trainer(
         **trainer_cfg,
         default_root_dir=out,
-        logger=CSVLogger(out, name="logs", version=""),
-        callbacks=[checkpoint, EarlyStopping(monitor="val_loss", patience=patience)],
+        logger=logger if logger is not None else False,
+        profiler=profiler,
+        callbacks=[checkpoint, EarlyStopping(monitor="val_loss", patience=patience), history, *callbacks],
     )
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
@@ -66,7 +79,25 @@ def train(cfg: DictConfig) -> dict:
     }
     write_json(out / METRICS, metrics)
     log.info("best checkpoint %s: %s", checkpoint.best_model_path, metrics)
+    if report:
+        record = tracking.finish(logger, cfg, origin, run_files(model, history, cfg, out))
+        log.info("lineage %s: %s run %s", lineage.write(out, record), record["tracker"], record["run_id"])
     return metrics
+
+
+def run_files(model: Classifier, history: tracking.History, cfg: DictConfig, out: Path) -> list[Path]:
+    """The files every run logs: metrics, training curves, the best model's confusion matrix on the test split."""
+    images, labels = load_split(cfg.paths.data, "test")
+    counts = plots.confusion_matrix(labels, plots.predictions(model, images), len(model.hparams.classes))
+    accuracy = counts.diag().sum().item() / max(1, counts.sum().item())
+    reports = out / "reports"
+    return [
+        out / METRICS,
+        plots.curves(history.epochs, reports / "curves.png"),
+        plots.confusion(
+            counts, model.hparams.classes, reports / "confusion.png", f"{cfg.name} test, acc {accuracy:.3f}"
+        ),
+    ]
 
 
 @hydra.main(config_path="../configs", config_name="config", version_base="1.3")

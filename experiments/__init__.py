@@ -1,0 +1,1 @@
+"""Experiments: tracking and lineage of training runs, the hyperparameter search, profiling."""
