@@ -21,8 +21,11 @@ venv: $(STAMP)  ## create .venv with the pinned dependencies
 serve: $(STAMP) pipeline  ## build everything that changed, then serve it (Ctrl-C stops)
 	$(PY) -m scripts.serve $(ARGS)
 
-test: $(STAMP)  ## the whole test suite, with coverage
-	$(PY) -m pytest --cov --cov-report=term-missing:skip-covered $(ARGS)
+# The whole suite must keep coverage at the floor (the figure when it was set; raise it, never lower it).
+# A subset (ARGS=tests/...) reports coverage without the floor.
+COVERAGE_FLOOR := 65
+test: $(STAMP)  ## the whole test suite, with coverage (ARGS=tests/test_unit_serving.py: a subset)
+	$(PY) -m pytest --cov --cov-report=term-missing:skip-covered $(if $(ARGS),,--cov-fail-under=$(COVERAGE_FLOOR)) $(ARGS)
 
 pipeline: $(STAMP)  ## dvc repro: data -> train -> export -> robustness -> archive, only what changed
 	dvc repro
@@ -73,5 +76,17 @@ monitoring: $(STAMP)  ## Prometheus on :9090 with monitoring/alerts.yml, scrapin
 monitoring-check: $(STAMP)  ## promtool check of monitoring/prometheus.yml and alerts.yml
 	$(PY) -m scripts.prometheus install && $(PY) -m scripts.prometheus check
 
-clean:  ## remove generated files (keeps .venv and DVC's cache)
-	rm -rf data/processed artifacts logs model_store/*.mar reports/robustness reports/drift .coverage htmlcov .pytest_cache
+.PHONY: mlflow tune profile
+mlflow: $(STAMP)  ## MLflow UI on http://127.0.0.1:5000 over the local tracking store runs/ (ARGS='--port 5001')
+	$(PY) -m mlflow ui --host 127.0.0.1 --port 5000 $(ARGS) --backend-store-uri \
+	  "$$($(PY) -c 'from common.config import load_config; print(load_config().logger.tracking_uri)')"
+
+tune: $(STAMP)  ## Optuna search over training, resumable (ARGS='tune.n_trials=4'); best -> configs/tuned/
+	dvc repro data
+	$(PY) -m scripts.tune $(ARGS)
+
+profile: $(STAMP) pipeline  ## serving profiles: torch.profiler on the core, py-spy on a live worker -> reports/profile/
+	$(PY) -m scripts.profile $(ARGS)
+
+clean:  ## remove generated files (keeps .venv, DVC's cache and the tracking store runs/)
+	rm -rf data/processed artifacts logs model_store/*.mar reports/robustness reports/drift reports/tune reports/profile .coverage htmlcov .pytest_cache

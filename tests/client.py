@@ -1,12 +1,15 @@
 """What tests send: encoded images, and one HTTP helper for every server they start (TorchServe, the container)."""
 
+import base64
 import http.client
 import io
 import json
 import math
+import struct
 import urllib.error
 import urllib.request
 import uuid
+import zlib
 from urllib.parse import urlparse
 
 import numpy as np
@@ -80,3 +83,55 @@ def close(a: object, b: object, tol: float = 1e-4) -> bool:
     if isinstance(a, list | tuple) and isinstance(b, list | tuple):
         return len(a) == len(b) and all(close(x, y, tol) for x, y in zip(a, b, strict=True))
     return a == b
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height, with one tiny compressed row: a decompression bomb."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+
+
+def hostile_corpus(digit: Image.Image, max_pixels: int) -> list[tuple[str, object, int]]:
+    """(name, payload, expected status) for a handler refusing images over `max_pixels`.
+
+    Payload: bytes as sent raw, or parsed JSON as TorchServe hands it (None is JSON's null)."""
+    gray = np.asarray(digit)[None]
+    rgb = np.asarray(digit.convert("RGB")).transpose(2, 0, 1)
+    good, jpeg = png(gray), png(rgb, "JPEG")
+    corrupt = bytearray(good)
+    corrupt[len(corrupt) // 2 : len(corrupt) // 2 + 8] = b"\xff" * 8
+    b64 = base64.b64encode(good).decode()
+    side = math.isqrt(max_pixels) + 1  # side * side is just over the limit
+    return [
+        ("empty body", b"", 400),
+        ("one byte", b"\x00", 415),
+        ("plain text", b"hello, I am not an image", 415),
+        ("html page", b"<html><body>hi</body></html>", 415),
+        ("svg image", b'<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"/>', 415),
+        ("pdf document", b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF", 415),
+        ("png signature only", b"\x89PNG\r\n\x1a\n", 415),
+        ("png truncated in the header", good[:20], 400),
+        ("png truncated in the data", good[: len(good) // 2], 400),
+        ("png with corrupt data", bytes(corrupt), 400),
+        ("jpeg truncated", jpeg[: len(jpeg) // 2], 400),
+        ("tiff (unsupported format)", png(gray, "TIFF"), 415),
+        ("ico (unsupported format)", png(rgb, "ICO"), 415),
+        ("decompression bomb 100000x100000", png_header(100_000, 100_000), 413),
+        (f"over the pixel limit {side}x{side}", png_header(side, side), 413),
+        ("json that does not parse", b'{"data": "abc', 400),
+        ("json list", [1, 2, 3], 400),
+        ("json number", 42, 400),
+        ("json without data or instances", {"image": b64}, 400),
+        ("data not a string", {"data": 123}, 400),
+        ("data not base64", {"data": "***not base64***"}, 400),
+        ("data is base64 of text", {"data": base64.b64encode(b"just text").decode()}, 415),
+        ("instances not a list", {"instances": {"b64": b64}}, 400),
+        ("instances empty", {"instances": []}, 400),
+        ("instance without b64", {"instances": [{"bytes": b64}]}, 400),
+        ("one bad instance among good ones", {"instances": [{"b64": b64}, {"b64": "!!"}]}, 400),
+        ("null body", None, 400),
+    ]

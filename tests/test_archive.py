@@ -1,5 +1,10 @@
-import pytest
+import shutil
+from pathlib import Path
 
+import pytest
+from omegaconf import OmegaConf
+
+import training.archive as archive_module
 from common.config import load_config
 from handlers import files
 from training.archive import (
@@ -44,3 +49,26 @@ def test_archive_without_export_fails_before_writing(tmp_path):
     with pytest.raises(ArchiveError, match="run `python -m training.export` first"):
         archive(cfg)
     assert not (tmp_path / "store").exists()
+
+
+def test_a_write_that_fails_midway_leaves_the_previous_archive_intact(cfg, mar, tmp_path, monkeypatch):
+    """The copy into the model store breaks after half the bytes: the served .mar stays as it was."""
+    store = tmp_path / "store"
+    store.mkdir()
+    target = store / mar.name
+    shutil.copyfile(mar, target)
+    before = target.read_bytes()
+
+    real_copyfile = shutil.copyfile
+
+    def half_then_fail(src, dst, **kwargs):
+        if Path(dst).parent != store:  # staging copies (handlers, labels) go on as usual
+            return real_copyfile(src, dst, **kwargs)
+        Path(dst).write_bytes(Path(src).read_bytes()[: len(before) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(archive_module.shutil, "copyfile", half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        archive(OmegaConf.merge(cfg, {"paths": {"model_store": str(store)}}))
+    assert target.read_bytes() == before
+    assert sorted(p.name for p in store.iterdir()) == [mar.name]

@@ -173,3 +173,25 @@ def test_folder_images_and_their_canonical_form_get_the_same_answer(tmp_path, ne
     assert checked == len(files)
     assert worst < tolerance, worst  # only the rounding to uint8 differs
     assert skewed > tolerance, skewed  # the check sees a resize that is not the graph's own
+
+
+def test_a_write_that_fails_midway_leaves_the_previous_dataset_intact(tmp_path, monkeypatch):
+    """The disk fills up after the first split is written: the old dataset stays whole, no temp folder is left."""
+    cfg = load_config([f"paths.data={tmp_path}/digits"])
+    out = make_dataset(cfg)
+    before = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    real_save, calls = np.savez_compressed, []
+
+    def save_then_fail(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        real_save(*args, **kwargs)
+
+    monkeypatch.setattr(np, "savez_compressed", save_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        make_dataset(load_config([f"paths.data={tmp_path}/digits", "seed=1"]))  # other splits: other bytes
+    assert len(calls) == 2  # one split was written when it failed
+    after = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits"]

@@ -2,13 +2,13 @@
 
 import base64
 import json
-import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
+from common import apt
 from handlers.decode import decode_image
 from tests import client
 from tests.client import png
@@ -83,14 +83,17 @@ def test_concurrent_good_and_bad_requests_each_get_their_own_status(server, post
     assert {w["pid"] for w in server.workers(cfg.name)} == pids
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl: urllib cannot read a reply sent mid-upload")
 def test_body_over_the_size_limit_gets_413(server, cfg, tmp_path):
-    """TorchServe's frontend refuses bodies over max_request_size (6.5 MB) before the handler."""
+    """TorchServe's frontend refuses bodies over max_request_size (6.5 MB) before the handler.
+
+    curl, installed through the project's own apt path when missing: urllib cannot read a reply sent mid-upload.
+    """
+    curl = apt.ensure({"curl": "curl"})["curl"]
     big = tmp_path / "big.png"
     big.write_bytes(b"\0" * 7_000_000)
     auth = [f"-H{k}: {v}" for k, v in server.headers().items()]
     url = f"{server.url('inference')}/predictions/{cfg.name}"
-    cmd = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", *auth, "-H", "Content-Type: image/png"]
+    cmd = [curl, "-s", "-o", "/dev/null", "-w", "%{http_code}", *auth, "-H", "Content-Type: image/png"]
     result = subprocess.run([*cmd, "--data-binary", f"@{big}", url], capture_output=True, text=True, timeout=60)
     assert result.stdout == "413"
 

@@ -123,7 +123,7 @@ def test_locust_counts_wrong_answers_as_failures(server, cfg, tmp_path):
 
 @pytest.mark.server
 def test_loadtest_cli_exits_nonzero_when_an_slo_is_missed(server, cfg, tmp_path, capsys):
-    args = ["--host", server.url("inference"), "--token", server.key() or "", "--users", "4", "--run-time", "3"]
+    args = ["--host", server.url("inference"), f"--token={server.key() or ''}", "--users", "4", "--run-time", "3"]
     args += ["--out", str(tmp_path), f"paths.data={cfg.paths.data}", "loadtest.slo.p95_ms=60000"]
     args += ["loadtest.slo.p99_ms=60000"]  # latency on a shared CPU is not what this test is about
     main([*args, "loadtest.slo.min_rps=1"])  # met: returns normally

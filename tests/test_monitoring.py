@@ -207,9 +207,15 @@ def test_shifted_traffic_fires_the_drift_alert(prom, server, post, cfg, test_spl
     assert all(float(a["value"]) > drift.threshold for a in alerts)
 
 
-def test_every_alert_and_dashboard_query_is_valid_and_has_data(prom, post, test_split):
-    """Run after the traffic above: every metric an alert or a panel reads exists with these labels."""
-    assert set(send_pngs(post, as_rgb(test_split[0][:40]))) == {200}
+def test_every_alert_and_dashboard_query_is_valid_and_has_data(prom, post, cfg, test_split):
+    """Every metric an alert or a panel reads exists with these labels, after traffic this test sends itself:
+    answers (more than the drift window's minimum, so DriftScore exists) and refused tokens (Requests4XX)."""
+    images = as_rgb(test_split[0]).repeat(2, 1, 1, 1)[: cfg.serve.handler.drift.min_samples + 20]
+    bad = png(images[0])
+    assert post(bad, "image/png", {"Authorization": "Bearer wrong"})[0] == 400
+    assert set(send_pngs(post, images)) == {200}
+    assert post(bad, "image/png", {"Authorization": "Bearer wrong"})[0] == 400
+    wait_for(lambda: prom.query("DriftScore") and prom.query("Requests4XX"), "DriftScore and Requests4XX scraped")
     time.sleep(3)  # two scrapes after the last requests, so rates have samples
     for name, rule in rules().items():
         expr = COMPARISON.sub("", rule["expr"])
@@ -222,7 +228,7 @@ def test_every_alert_and_dashboard_query_is_valid_and_has_data(prom, post, test_
 
 
 def test_a_killed_worker_fires_the_restart_alert(prom, server):
-    """Last: the worker's drift window starts empty after this. The server is READY again afterwards."""
+    """The worker's drift window starts empty after this; the server is READY again afterwards."""
     model = next(iter(server.models))
     pid = int(server.workers(model)[0]["pid"])
     assert not firing(prom, "WorkerRestarted")

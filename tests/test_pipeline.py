@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from common.config import ROOT, load_config
+from training.archive import read_manifest
 from training.pipeline import COMMANDS, stages
 
 DVC = str(Path(sys.executable).parent / "dvc")
@@ -46,7 +47,8 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_dvc_repro_push_and_pull(tmp_path):
-    """The data stage through real DVC, then push to the local remote and pull it back."""
+    """`make pipeline` on a fresh copy: `dvc repro` runs every stage and writes the archive, a second `dvc repro`
+    has nothing to do; then the data stage's output goes to the local remote and comes back."""
     repo = tmp_path / "repo"
     listed = ["git", "ls-files", "--cached", "--others", "--exclude-standard"]  # what `git add -A` would commit
     files = subprocess.run(listed, cwd=ROOT, capture_output=True, text=True).stdout.split()
@@ -56,9 +58,17 @@ def test_dvc_repro_push_and_pull(tmp_path):
     for name in files:
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, repo / name)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"]):
+    commit = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "copy"]
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], commit):  # a clone: the archive records the commit
         run(cmd, repo)
-    run([DVC, "repro", "data"], repo)
+    cfg = load_config()
+    first = run([DVC, "repro"], repo).stdout
+    dvc = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    assert [stage for stage in dvc if f"Running stage '{stage}'" not in first] == [], first
+    assert read_manifest(repo / cfg.paths.model_store / f"{cfg.name}.mar")["model"]["modelName"] == cfg.name
+    second = run([DVC, "repro"], repo).stdout
+    unchanged = all(f"Stage '{stage}' didn't change" in second for stage in dvc)
+    assert "Running stage" not in second and ("Data and pipelines are up to date" in second or unchanged), second
     meta = repo / "data/processed/digits/meta.json"
     assert meta.is_file()
     run([DVC, "push", "data"], repo)
