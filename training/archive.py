@@ -102,7 +102,7 @@ def archive(cfg: DictConfig) -> Path:
             raise ArchiveError(f"{path} not found: run `python -m training.export` first")
     record = lineage.read(artifacts)
     if found := lineage.problems(record):
-        if OmegaConf.select(cfg, "archive.require_lineage", default=True):
+        if cfg.archive.require_lineage:  # configs/config.yaml
             raise ArchiveError(
                 f"cannot identify the run that trained {model}: {'; '.join(found)} "
                 "(retrain with a logger, or pass archive.require_lineage=false)"
