@@ -11,6 +11,7 @@ from common.cli import BundleError
 
 POLICY_RC = Path("/usr/sbin/policy-rc.d")
 NO_SERVICES = "#!/bin/sh\nexit 101\n"  # dpkg asks policy-rc.d before starting a service; 101: do not
+SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")  # where Debian puts root's tools (debootstrap): off a user's PATH
 
 
 class AptError(BundleError):
@@ -26,15 +27,19 @@ def as_root() -> list[str] | None:
     return None
 
 
+def which(command: str) -> str | None:
+    return shutil.which(command, path=os.pathsep.join([os.environ.get("PATH", ""), *SBIN]))
+
+
 def ensure(commands: dict[str, str], services: tuple[str, ...] = (), recommends: bool = False) -> dict[str, str]:
     """{command: path} for `commands` ({command: Debian package}), installing the packages of missing ones.
 
     `services`: systemd units the packages start, stopped and disabled if one starts despite policy-rc.d.
     """
-    missing = sorted({package for command, package in commands.items() if not shutil.which(command)})
+    missing = sorted({package for command, package in commands.items() if not which(command)})
     if missing:
         install(missing, services, recommends)
-    paths = {command: shutil.which(command) for command in commands}
+    paths = {command: which(command) for command in commands}
     if lost := [command for command, path in paths.items() if not path]:
         raise AptError(f"apt-get installed {' '.join(missing)} but {', '.join(lost)} is not on PATH")
     return paths

@@ -7,6 +7,7 @@ The machine's own pip settings (index, find-links, CA bundle, constraints) are p
 builds as read-only mounts, and a CPU-only torch wheel found in its find-links is used as is.
 """
 
+import functools
 import json
 import os
 import re
@@ -54,6 +55,31 @@ BUILDAH = {"buildah": "buildah", "debootstrap": "debootstrap"}  # command -> Deb
 
 class ContainerError(BundleError):
     """A build or run step failed; the message says which and what to do."""
+
+
+@functools.cache
+def as_root() -> list[str]:
+    """buildah and debootstrap run as root (its image store, chroots, mounts): directly, or through `sudo -n`."""
+    prefix = apt.as_root()
+    if prefix is None:
+        raise ContainerError("building without docker needs root: run as root, or give this user passwordless sudo")
+    return prefix
+
+
+def write_as_root(path: Path, text: str) -> None:
+    """Write a file inside a root-owned tree (a mounted container)."""
+    sh([*as_root(), "mkdir", "-p", str(path.parent)], capture_output=True)
+    sh([*as_root(), "tee", str(path)], input=text, capture_output=True)
+
+
+def signal_as_root(process: psutil.Process, sig: signal.Signals) -> None:
+    """Signal a process the container engine started, which may belong to root when we are not."""
+    try:
+        process.send_signal(sig)
+    except psutil.AccessDenied:
+        sh([*as_root(), "kill", f"-{sig.name}", str(process.pid)], check=False, capture_output=True)
+    except psutil.Error:  # gone already
+        pass
 
 
 def sh(cmd: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -106,7 +132,7 @@ def engine(name: str = "auto") -> str:
 
 
 def buildah_image(ref: str) -> dict | None:
-    run = sh(["buildah", "inspect", "--type", "image", ref], check=False, capture_output=True)
+    run = sh([*as_root(), "buildah", "inspect", "--type", "image", ref], check=False, capture_output=True)
     return json.loads(run.stdout) if run.returncode == 0 else None
 
 
@@ -116,27 +142,24 @@ def ensure_base(base: str | None = None) -> str:
     if buildah_image(base):
         return "present"
     try:
-        if sh(["buildah", "pull", base], check=False, capture_output=True, timeout=300).returncode == 0:
+        if sh([*as_root(), "buildah", "pull", base], check=False, capture_output=True, timeout=300).returncode == 0:
             return "pulled"
     except ContainerError:  # a registry that does not answer
         pass
     suite = base.rsplit(":", 1)[-1].split("-")[0]  # debian:bookworm-slim -> bookworm
     apt.ensure({"debootstrap": BUILDAH["debootstrap"]})
-    ctr = sh(["buildah", "from", "scratch"], capture_output=True).stdout.strip()
+    ctr = sh([*as_root(), "buildah", "from", "scratch"], capture_output=True).stdout.strip()
     try:
-        root = Path(sh(["buildah", "mount", ctr], capture_output=True).stdout.strip())
-        (root / "etc/dpkg/dpkg.cfg.d").mkdir(parents=True)
-        (root / "etc/dpkg/dpkg.cfg.d/docker").write_text(SLIM_DPKG)
-        sh(["debootstrap", "--variant=minbase", suite, str(root), DEBIAN_MIRROR], capture_output=True)
-        (root / "etc/apt/apt.conf.d/docker-clean").write_text(SLIM_APT)
-        for junk in ("var/cache/apt/archives", "var/lib/apt/lists"):
-            for path in (root / junk).glob("*"):
-                if path.is_file():
-                    path.unlink()
-        sh(["buildah", "config", "--cmd", "bash", ctr], capture_output=True)
-        sh(["buildah", "commit", "--quiet", ctr, base], capture_output=True)
+        root = Path(sh([*as_root(), "buildah", "mount", ctr], capture_output=True).stdout.strip())
+        write_as_root(root / "etc/dpkg/dpkg.cfg.d/docker", SLIM_DPKG)
+        sh([*as_root(), "debootstrap", "--variant=minbase", suite, str(root), DEBIAN_MIRROR], capture_output=True)
+        write_as_root(root / "etc/apt/apt.conf.d/docker-clean", SLIM_APT)
+        junk = [str(root / "var/cache/apt/archives"), str(root / "var/lib/apt/lists")]
+        sh([*as_root(), "find", *junk, "-maxdepth", "1", "-type", "f", "-delete"], capture_output=True)
+        sh([*as_root(), "buildah", "config", "--cmd", "bash", ctr], capture_output=True)
+        sh([*as_root(), "buildah", "commit", "--quiet", ctr, base], capture_output=True)
     finally:
-        sh(["buildah", "rm", ctr], check=False, capture_output=True)
+        sh([*as_root(), "buildah", "rm", ctr], check=False, capture_output=True)
     return "debootstrap"
 
 
@@ -216,7 +239,7 @@ def build(
     if tool == "docker":
         cmd = ["docker", "build"]
     else:
-        cmd = ["buildah", "build", "--layers", "--jobs", "2", "--isolation", "chroot"]  # builder || runtime
+        cmd = [*as_root(), "buildah", "build", "--layers", "--jobs", "2", "--isolation", "chroot"]  # builder || runtime
     cmd += ["-f", str(DOCKERFILE), "--target", target, "-t", tag]
     cmd += [f"--build-arg={k}={v}" for k, v in args.items()]
     cmd += [f"--volume={v}" for v in volumes]
@@ -238,7 +261,7 @@ def image_size(tag: str, engine_name: str = "auto") -> int:
     """Bytes of the image's layers, uncompressed."""
     if engine(engine_name) == "docker":
         return int(sh(["docker", "image", "inspect", "-f", "{{.Size}}", tag], capture_output=True).stdout)
-    human = json.loads(sh(["buildah", "images", "--json", tag], capture_output=True).stdout)[0]["size"]
+    human = json.loads(sh([*as_root(), "buildah", "images", "--json", tag], capture_output=True).stdout)[0]["size"]
     number, unit = human.split()  # buildah prints SI units only: "1.24 GB"
     return int(float(number) * 1000 ** ["B", "KB", "MB", "GB", "TB"].index(unit.upper()))
 
@@ -270,9 +293,11 @@ class Container(Process):
                 raise ContainerError(f"no image {self.tag}: build it with `python -m scripts.container build`")
             config = image["OCIv1"]["config"]
             entrypoint = (config.get("Entrypoint") or []) + (config.get("Cmd") or [])
-            ctr = sh(["buildah", "from", "--pull-never", "--name", self.container, self.tag], capture_output=True)
+            ctr = sh(
+                [*as_root(), "buildah", "from", "--pull-never", "--name", self.container, self.tag], capture_output=True
+            )
             self.ctr = ctr.stdout.strip()
-            self.cmd = ["buildah", "run", "--isolation", "chroot", *env_flags, self.ctr, "--", *entrypoint]
+            self.cmd = [*as_root(), "buildah", "run", "--isolation", "chroot", *env_flags, self.ctr, "--", *entrypoint]
         super().start()
         return self
 
@@ -293,7 +318,7 @@ class Container(Process):
         if self.engine == "docker":  # the daemon signals PID 1, whoever owns it
             subprocess.run(["docker", "stop", f"--time={self.grace:.0f}", self.container], capture_output=True)
         elif (first := self.first_process()) is not None:
-            first.send_signal(signal.SIGTERM)
+            signal_as_root(first, signal.SIGTERM)
 
     def stop(self, timeout: float = 10) -> int | None:
         """SIGTERM the first process, SIGKILL after `timeout` s; remove the container; return the exit code."""
@@ -304,13 +329,10 @@ class Container(Process):
             left = []
         super().stop(timeout)
         for process in left:  # anything that left the process group
-            try:
-                process.kill()
-            except psutil.Error:
-                pass
+            signal_as_root(process, signal.SIGKILL)
         if self.engine == "docker":
             sh(["docker", "rm", "-f", self.container], check=False, capture_output=True)
         elif self.ctr:
-            sh(["buildah", "rm", self.ctr], check=False, capture_output=True)
+            sh([*as_root(), "buildah", "rm", self.ctr], check=False, capture_output=True)
             self.ctr = None
         return self.proc.returncode if self.proc else None

@@ -122,7 +122,9 @@ def image(cfg, mar, engine, tmp_path_factory):
         print(f"\nimage {tag}: built in {time.monotonic() - start:.0f} s, {size / 1e9:.2f} GB ({engine})")
         yield tag, size
     finally:
-        rmi = ["docker", "rmi", "-f", tag] if engine == "docker" else ["buildah", "rmi", "-f", tag]
+        rmi = (
+            ["docker", "rmi", "-f", tag] if engine == "docker" else [*container.as_root(), "buildah", "rmi", "-f", tag]
+        )
         container.sh(rmi, check=False, capture_output=True)
 
 
