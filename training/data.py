@@ -1,15 +1,19 @@
 """Prepare a dataset into one canonical on-disk form, and load it for training.
 
-Canonical form, in `paths.data`:
-  train.npz, val.npz, test.npz   images: uint8 [N, C, H, W], labels: int64 [N]
+Canonical form, in `paths.data`, one of two formats (`data.format`):
+  npz      train.npz, val.npz, test.npz: images uint8 [N, C, H, W], labels int64 [N]; read whole (the digits)
+  shards   <split>-NNNNNN.tar WebDataset shards (training/shards.py), written and read streaming: datasets
+           larger than memory (image folders, torchvision sets)
   samples/<index>_<class>.png    one test image per class, for curl
-  meta.json                      classes, channels, image_size, mean/std of the train split
+  meta.json                      the one description: format, classes, channels, image_size, mean/std of
+                                 the train split, counts, shard names
 
 Run `python -m training.data` (Hydra overrides: `data=folder data.root=...`).
 """
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -19,10 +23,12 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
+from tqdm import tqdm
 
 from common.cli import BundleError, one_line_errors
 from common.io import atomic_dir
 from handlers.decode import InputError, decode_image, suffixes
+from training import shards
 from training.preprocess import canonical
 
 log = logging.getLogger(__name__)
@@ -57,21 +63,27 @@ def read_image(path: Path, size: int, channels: int) -> np.ndarray:
     return canonical(rgb[None], size, channels)[0].numpy()
 
 
-def load_folder(root: Path, size: int, channels: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """root/<class>/<image>: one sub-folder per class, PNG or JPEG, any size."""
+def list_folder(root: Path) -> tuple[list[Path], np.ndarray, list[str]]:
+    """root/<class>/<image>: the files and their labels (classes sorted, files sorted), no pixel read."""
     if not root.is_dir():
         raise DataError(f"image folder not found: {root}")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
         raise DataError(f"{root} needs at least two class sub-folders, found {len(classes)}")
-    images, labels = [], []
+    files, labels = [], []
     for index, name in enumerate(classes):
-        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in suffixes())
-        if not files:
+        found = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in suffixes())
+        if not found:
             raise DataError(f"class folder {root / name} has no images ({', '.join(sorted(suffixes()))})")
-        images += [read_image(f, size, channels) for f in files]
-        labels += [index] * len(files)
-    return np.stack(images), np.asarray(labels, dtype=np.int64), classes
+        files += found
+        labels += [index] * len(found)
+    return files, np.asarray(labels, dtype=np.int64), classes
+
+
+def load_folder(root: Path, size: int, channels: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """root/<class>/<image>: one sub-folder per class, PNG or JPEG, any size; every image in memory."""
+    files, labels, classes = list_folder(root)
+    return np.stack([read_image(f, size, channels) for f in tqdm(files, desc="decode", unit="img")]), labels, classes
 
 
 def load_torchvision(name: str, root: Path) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -88,8 +100,11 @@ def load_torchvision(name: str, root: Path) -> tuple[dict[str, np.ndarray], list
     return arrays, [str(c) for c in ds.classes]
 
 
-def split_indices(labels: np.ndarray, val: float, test: float, seed: int) -> dict[str, np.ndarray]:
-    """Stratified, seeded, disjoint train/val/test indices."""
+def split_indices(
+    labels: np.ndarray, val: float, test: float, seed: int, shuffled: bool = False
+) -> dict[str, np.ndarray]:
+    """Stratified, seeded, disjoint train/val/test indices: sorted, or `shuffled` (seeded) to mix the classes
+    within each shard."""
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     for label in np.unique(labels):
@@ -100,6 +115,8 @@ def split_indices(labels: np.ndarray, val: float, test: float, seed: int) -> dic
         parts["test"].append(idx[:n_test])
         parts["val"].append(idx[n_test : n_test + n_val])
         parts["train"].append(idx[n_test + n_val :])
+    if shuffled:
+        return {s: rng.permutation(np.concatenate(p)) for s, p in parts.items()}
     return {s: np.sort(np.concatenate(p)) for s, p in parts.items()}
 
 
@@ -135,11 +152,70 @@ def write_samples(folder: Path, images: np.ndarray, labels: np.ndarray, classes:
             to_pil(images[found[0]]).save(folder / f"{index}_{name}.png")
 
 
+def stream_splits(cfg: DictConfig) -> tuple[dict[str, tuple[int, Iterator]], list[str]]:
+    """Each split as (count, iterator of (uint8 image [C, H, W], label)), in a seeded order that mixes the classes.
+
+    An image folder is decoded one image at a time; the other sources are in memory already.
+    """
+    data = cfg.data
+    if data.source != "folder":
+        splits, classes = build_splits(cfg)
+        rng = np.random.default_rng(cfg.seed)
+
+        def shuffled(x: np.ndarray, y: np.ndarray) -> Iterator:
+            for i in rng.permutation(len(y)):
+                yield x[i], int(y[i])
+
+        return {s: (len(y), shuffled(x, y)) for s, (x, y) in splits.items()}, classes
+    files, labels, classes = list_folder(Path(data.root))
+    idx = split_indices(labels, data.val_fraction, data.test_fraction, cfg.seed, shuffled=True)
+
+    def decoded(split: str) -> Iterator:
+        for i in tqdm(idx[split], desc=f"shard {split}", unit="img", mininterval=2):
+            yield read_image(files[i], data.image_size, data.channels), int(labels[i])
+
+    return {s: (len(idx[s]), decoded(s)) for s in SPLITS}, classes
+
+
+def make_shards(cfg: DictConfig) -> Path:
+    """Write the sharded canonical dataset to `paths.data`, streaming, atomically (all files or none)."""
+    splits, classes = stream_splits(cfg)
+    stats, names = shards.Stats(), {}
+    out = Path(cfg.paths.data)
+    with atomic_dir(out) as tmp:
+        for split, (_, samples) in splits.items():
+            names[split] = shards.write(tmp, split, samples, cfg.data.shard_size, stats if split == "train" else None)
+        meta = {
+            "format": "shards",
+            "source": cfg.data.source,
+            "classes": classes,
+            "channels": stats.shape[0],
+            "image_size": list(stats.shape[1:]),
+            "mean": stats.mean(),
+            "std": stats.std(),
+            "counts": {s: count for s, (count, _) in splits.items()},
+            "seed": cfg.seed,
+            "shards": names,
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        first = {}  # one test image per class
+        for image, label in shards.stream(str(tmp), names["test"], meta["counts"]["test"]):
+            first.setdefault(label, image.numpy())
+        labels = np.asarray(sorted(first))
+        write_samples(tmp / "samples", np.stack([first[k] for k in labels]), labels, classes)
+    return out
+
+
 def make_dataset(cfg: DictConfig) -> Path:
-    """Write the canonical dataset to `paths.data`, atomically (all files or none)."""
+    """Write the canonical dataset to `paths.data`, atomically (all files or none), in `data.format`."""
+    if cfg.data.format == "shards":
+        return make_shards(cfg)
+    if cfg.data.format != "npz":
+        raise DataError(f"unknown data.format {cfg.data.format!r}: npz or shards")
     splits, classes = build_splits(cfg)
     train = splits["train"][0].astype(np.float32) / 255
     meta = {
+        "format": "npz",
         "source": cfg.data.source,
         "classes": classes,
         "channels": int(train.shape[1]),
@@ -159,36 +235,69 @@ def make_dataset(cfg: DictConfig) -> Path:
 
 
 def read_meta(data_dir: Path | str) -> dict:
+    """meta.json of a dataset in a folder, or in a bucket (gs://...: read through fsspec/gcsfs)."""
+    if str(data_dir).startswith("gs://"):
+        import fsspec
+
+        with fsspec.open(f"{str(data_dir).rstrip('/')}/meta.json", "rt") as f:
+            return json.load(f)
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
         raise DataError(f"no dataset at {data_dir}: run `python -m training.data` (or `dvc repro data`)")
     return json.loads(path.read_text())
 
 
-def load_split(data_dir: Path | str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One split as (uint8 images [N, C, H, W], int64 labels [N])."""
+def load_split(data_dir: Path | str, split: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split (or its first `limit` samples) as (uint8 images [N, C, H, W], int64 labels [N]), in memory."""
+    meta = read_meta(data_dir)
+    if meta.get("format") == "shards":
+        return shards.read_all(str(data_dir), meta["shards"][split], limit)
     with np.load(Path(data_dir) / f"{split}.npz") as f:
-        return torch.from_numpy(f["images"]), torch.from_numpy(f["labels"])
+        return torch.from_numpy(f["images"][:limit]), torch.from_numpy(f["labels"][:limit])
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Serves the canonical splits as uint8 batches; augmentation and preprocessing run on the device."""
+    """Serves the canonical splits as uint8 batches; augmentation and preprocessing run on the device.
 
-    def __init__(self, data_dir: str, batch_size: int, num_workers: int = 0) -> None:
+    npz: the splits in memory. shards: streamed from the shards, decoded in the loader's workers; the train
+    split shuffled through a buffer of `shuffle_buffer` samples.
+    """
+
+    def __init__(
+        self, data_dir: str, batch_size: int, num_workers: int = 0, shuffle_buffer: int = 1000, seed: int = 0
+    ) -> None:
         super().__init__()
         self.data_dir, self.batch_size, self.num_workers = data_dir, batch_size, num_workers
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.meta = read_meta(data_dir)
 
     def setup(self, stage: str | None = None) -> None:
-        self.sets = {s: TensorDataset(*load_split(self.data_dir, s)) for s in SPLITS}
+        if self.meta.get("format") != "shards":
+            self.sets = {s: TensorDataset(*load_split(self.data_dir, s)) for s in SPLITS}
+            return
+        world = self.trainer.world_size if self.trainer is not None else 1
+        self.sets = {
+            s: shards.stream(
+                str(self.data_dir),
+                self.meta["shards"][s],
+                self.meta["counts"][s],
+                shuffle=self.shuffle_buffer if s == "train" else 0,
+                seed=self.seed,
+                world=world,
+                workers=self.num_workers,
+            )
+            for s in SPLITS
+        }
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        streamed = self.meta.get("format") == "shards"  # shuffled by the stream itself
         return DataLoader(
             self.sets[split],
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle and not streamed,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -39,7 +39,9 @@ def train(cfg: DictConfig, callbacks: tuple = (), logger: object = None, report:
     logger = logger if logger is not None else tracking.make_logger(cfg)
     tracking.start(logger, cfg, origin)
     history = tracking.History()
-    data = ImageDataModule(cfg.paths.data, cfg.data.batch_size, cfg.data.num_workers)
+    data = ImageDataModule(
+        cfg.paths.data, cfg.data.batch_size, cfg.data.num_workers, cfg.data.shuffle_buffer, seed=cfg.seed
+    )
     meta = data.meta
     model = Classifier(
         model=OmegaConf.to_container(cfg.model, resolve=True),
