@@ -83,7 +83,7 @@ RUN apt-get update \
     && apt-get clean && rm -rf /var/lib/apt/lists/* \
     && useradd --uid 1000 --create-home --shell /usr/sbin/nologin model-server
 COPY --from=builder /opt/venv /opt/venv
-COPY docker/entrypoint.sh docker/config.properties docker/log4j2.xml metrics.yaml /opt/ts/
+COPY docker/entrypoint.sh docker/config.properties docker/log4j2.xml metrics.yaml servers/drain.py /opt/ts/
 ARG MODEL_NAME=digits_cnn
 COPY --from=models ${MODEL_NAME}.mar /opt/ts/model-store/
 ENV PATH=/opt/venv/bin:$PATH \

@@ -1,15 +1,18 @@
 #!/bin/sh
-# Container entrypoint: TorchServe's Java frontend becomes PID 1 (exec), in the foreground, so
-# SIGTERM from the engine or Cloud Run reaches it directly: its shutdown hook closes the ports and
-# stops the Python workers, and the container exits when the server does. `torchserve --start
-# --foreground` is not used: it keeps a Python parent that dies on SIGTERM and orphans Java.
+# Container entrypoint: drain.py (servers/drain.py) becomes PID 1 (exec) and runs TorchServe's Java
+# frontend in the foreground as its child. SIGTERM from the engine or Cloud Run reaches drain.py,
+# which waits until every request already accepted is answered (at most 6 s), then passes SIGTERM
+# on: the frontend's shutdown hook closes the ports and stops the Python workers, and the container
+# exits when the server does. (Java's own hook alone drops the requests in flight.) `torchserve
+# --start --foreground` is not used: it keeps a Python parent that dies on SIGTERM and orphans Java.
 #
 # Environment: MODEL_NAME (baked in at build), MODEL_STORE, PORT (Cloud Run sets it; inference on
-# 0.0.0.0), MANAGEMENT_PORT, METRICS_PORT, GRPC_INFERENCE_PORT, GRPC_MANAGEMENT_PORT (loopback),
-# JAVA_OPTS (extra JVM flags). Defaults: docker/config.properties.
+# BIND, 0.0.0.0), MANAGEMENT_PORT, METRICS_PORT, GRPC_INFERENCE_PORT, GRPC_MANAGEMENT_PORT, WORKER_PORT
+# (loopback), JAVA_OPTS (extra JVM flags), TS_DIR (this file's folder in the image, /opt/ts).
+# Defaults: docker/config.properties.
 set -eu
 
-TS_DIR=/opt/ts
+: "${TS_DIR:=/opt/ts}"
 : "${MODEL_NAME:?set MODEL_NAME to the archive to serve (MODEL_STORE/MODEL_NAME.mar)}"
 : "${MODEL_STORE:=$TS_DIR/model-store}"
 if [ ! -f "$MODEL_STORE/$MODEL_NAME.mar" ]; then
@@ -23,11 +26,13 @@ config="$run_dir/config.properties"
     cat "$TS_DIR/config.properties"
     echo
     # Later keys win in a Java properties file.
-    [ -z "${PORT:-}" ] || echo "inference_address=http://0.0.0.0:$PORT"
+    echo "metrics_config=$TS_DIR/metrics.yaml"
+    [ -z "${PORT:-}" ] || echo "inference_address=http://${BIND:-0.0.0.0}:$PORT"
     [ -z "${MANAGEMENT_PORT:-}" ] || echo "management_address=http://127.0.0.1:$MANAGEMENT_PORT"
     [ -z "${METRICS_PORT:-}" ] || echo "metrics_address=http://127.0.0.1:$METRICS_PORT"
     [ -z "${GRPC_INFERENCE_PORT:-}" ] || echo "grpc_inference_port=$GRPC_INFERENCE_PORT"
     [ -z "${GRPC_MANAGEMENT_PORT:-}" ] || echo "grpc_management_port=$GRPC_MANAGEMENT_PORT"
+    [ -z "${WORKER_PORT:-}" ] || echo "initial_worker_port=$WORKER_PORT"
     echo "model_store=$MODEL_STORE"
 } > "$config"
 
@@ -38,8 +43,9 @@ echo "entrypoint: token authorization is DISABLED in this container: Cloud Run I
     "callers (deploy with --no-allow-unauthenticated); never publish $(address inference_address) without such a gate"
 
 ts_home=$(python -c 'import os, ts; print(os.path.dirname(os.path.dirname(ts.__file__)))')
+metrics_url="http://127.0.0.1:$(address metrics_address | sed 's/.*://')/metrics"
 # shellcheck disable=SC2086  # JAVA_OPTS is a list of flags
-exec java -Dmodel_server_home="$ts_home" -Djava.io.tmpdir="$run_dir" \
+exec python "$TS_DIR/drain.py" --metrics "$metrics_url" -- java -Dmodel_server_home="$ts_home" -Djava.io.tmpdir="$run_dir" \
     -Dlog4j.configurationFile="file://$TS_DIR/log4j2.xml" ${JAVA_OPTS:-} \
     -cp ".:$ts_home/ts/frontend/*" org.pytorch.serve.ModelServer \
     --python "$(command -v python)" -f "$config" -s "$MODEL_STORE" \

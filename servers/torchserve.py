@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from common.config import ROOT
+from servers import drain
 from servers.process import Process, ServerError, free_port, port_free
 
 CONFIG_PROPERTIES = ROOT / "config.properties"
@@ -174,6 +175,8 @@ class TorchServe(Process):
         return self.wait_until(self.ready, timeout, f"READY (models {sorted(self.models)})")
 
     def shutdown(self) -> None:
+        """Answer what was accepted (servers/drain.py), then stop: no request in flight is dropped."""
+        drain.wait_idle(f"{self.url('metrics')}/metrics")
         torchserve = self.cmd[0]
         subprocess.run([torchserve, "--stop"], cwd=self.workdir, env=self.env, capture_output=True, timeout=30)
 

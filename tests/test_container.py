@@ -205,8 +205,9 @@ def test_container_serves_then_stops_on_sigterm(cfg, image, engine, test_split, 
 
         first = ctr.first_process()
         assert first is not None and first.uids().real != 0, "the server must not run as root"
-        assert "java" in first.name(), f"PID 1 is {first.cmdline()}: the entrypoint must exec the server"
-        workers = first.children(recursive=True)
+        assert "drain.py" in " ".join(first.cmdline()), f"PID 1 is {first.cmdline()}: the entrypoint must exec drain.py"
+        assert [p for p in first.children() if "java" in p.name()], "the Java frontend is not PID 1's child"
+        workers = [p for p in first.children(recursive=True) if "java" not in p.name()]
         assert workers, "no Python worker under the frontend"
         start = time.monotonic()
         code = ctr.stop(STOP_SECONDS + 5)
