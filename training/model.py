@@ -82,7 +82,11 @@ class Classifier(L.LightningModule):
         loss = F.cross_entropy(logits, labels)
         acc = (logits.argmax(dim=1) == labels).float().mean()
         self.log_dict(
-            {f"{stage}_loss": loss, f"{stage}_acc": acc}, prog_bar=stage != "test", on_epoch=True, on_step=False
+            {f"{stage}_loss": loss, f"{stage}_acc": acc},
+            prog_bar=stage != "test",
+            on_epoch=True,
+            on_step=False,
+            sync_dist=True,  # DDP: every process logs the mean over all of them (a no-op in one process)
         )
         return loss
 

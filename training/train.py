@@ -6,11 +6,13 @@ run, the data hash, the git commit: experiments/lineage.py). The `logger` config
 """
 
 import logging
+import os
 import time
 from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
@@ -52,6 +54,7 @@ def train(cfg: DictConfig, callbacks: tuple = (), logger: object = None, report:
     )
     trainer_cfg = dict(cfg.trainer)
     patience = trainer_cfg.pop("early_stopping_patience")
+    threads = set_threads(trainer_cfg.pop("threads"), trainer_cfg.get("devices"))
     profiler = training_profiler(trainer_cfg.pop("profiler"), trainer_cfg.pop("profiler_dir"))
     checkpoint = ModelCheckpoint(
         dirpath=out,
@@ -78,13 +81,25 @@ def train(cfg: DictConfig, callbacks: tuple = (), logger: object = None, report:
         "test_loss": test["test_loss"],
         "epochs": trainer.current_epoch,
         "train_seconds": round(seconds, 2),
+        "world_size": trainer.world_size,
+        "threads_per_process": threads,
     }
+    if not trainer.is_global_zero:  # DDP: the other processes trained and tested; rank 0 writes
+        return metrics
     write_json(out / METRICS, metrics)
     log.info("best checkpoint %s: %s", checkpoint.best_model_path, metrics)
     if report:
         record = tracking.finish(logger, cfg, origin, run_files(model, history, cfg, out))
         log.info("lineage %s: %s run %s", lineage.write(out, record), record["tracker"], record["run_id"])
     return metrics
+
+
+def set_threads(threads: int | None, devices: object) -> int:
+    """torch threads per process: `threads`, else this machine's cores shared by its training processes."""
+    local = devices if isinstance(devices, int) and devices > 0 else 1
+    threads = threads or max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1) // local)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def run_files(model: Classifier, history: tracking.History, cfg: DictConfig, out: Path) -> list[Path]:
