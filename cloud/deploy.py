@@ -6,6 +6,7 @@ deploys through Cloud Build (cloud/cloudbuild.yaml), whose `gcloud run deploy` i
 `train` builds the training image (cloud/cloudbuild-train.yaml) and submits cloud/vertex-job.yaml.
 """
 
+import copy
 import shlex
 import shutil
 import subprocess
@@ -133,13 +134,23 @@ def serve_commands(subs: dict[str, str], project: str, skip_build: bool) -> list
     return commands
 
 
-def vertex_spec(subs: dict[str, str], project: str, bucket: str, machine: str, overrides: list[str]) -> dict:
-    """cloud/vertex-job.yaml with this project's image, output bucket, machine and Hydra overrides."""
+def vertex_spec(
+    subs: dict[str, str], project: str, bucket: str, machine: str, overrides: list[str], replicas: int = 1
+) -> dict:
+    """cloud/vertex-job.yaml with this project's image, output bucket, machine and Hydra overrides.
+
+    replicas > 1: the chief (workerPoolSpecs[0]) and replicas - 1 workers (workerPoolSpecs[1]) run the same
+    image with `trainer=ddp`; the entrypoint (cloud/cluster.py) turns Vertex's CLUSTER_SPEC into the ranks.
+    """
+    if replicas < 1:
+        raise DeployError(f"--replicas {replicas}: need at least 1 (the chief)")
     spec = yaml.safe_load(VERTEX_JOB.read_text())
     pool = spec["workerPoolSpecs"][0]
     pool["machineSpec"]["machineType"] = machine
     pool["containerSpec"]["imageUri"] = image_uri(subs, project, "-train")
-    pool["containerSpec"]["args"] = list(overrides)
+    pool["containerSpec"]["args"] = (["trainer=ddp"] if replicas > 1 else []) + list(overrides)
+    if replicas > 1:
+        spec["workerPoolSpecs"].append({**copy.deepcopy(pool), "replicaCount": replicas - 1})
     spec["baseOutputDirectory"]["outputUriPrefix"] = f"gs://{bucket}/vertex/{subs['_MODEL_NAME']}"
     return spec
 
@@ -184,6 +195,7 @@ def deploy(
     machine: str = "n1-standard-4",
     overrides: tuple[str, ...] = (),
     dry_run: bool = False,
+    replicas: int = 1,
 ) -> None:
     """`serve` (Cloud Run) or `train` (a Vertex AI custom job): print each gcloud command, run it unless dry_run."""
     project = project or ("PROJECT_ID" if dry_run else None)
@@ -196,9 +208,10 @@ def deploy(
         if not bucket:
             raise DeployError("train needs --bucket, the GCS bucket for the job's outputs")
         spec_path = RENDERED / f"vertex-job.{subs['_MODEL_NAME']}.yaml"
-        spec = vertex_spec(subs, project, bucket, machine, list(overrides))
-        write_text(spec_path, yaml.safe_dump(spec, sort_keys=False))
+        spec = vertex_spec(subs, project, bucket, machine, list(overrides), replicas)
+        text = yaml.safe_dump(spec, sort_keys=False)
+        write_text(spec_path, text)
         shown = spec_path.relative_to(ROOT) if spec_path.is_relative_to(ROOT) else spec_path
-        print(f"# wrote {shown}", flush=True)
+        print(f"# wrote {shown}:", *(f"#   {line}" for line in text.splitlines()), sep="\n", flush=True)
         commands = train_commands(subs, project, shown)
     execute(commands, dry_run)

@@ -5,12 +5,19 @@ then copies the .mar, the model, the label map, the lineage and the training met
 tracking store runs/, unless MLFLOW_TRACKING_URI names a team server) to OUTPUT_DIR, by default
 the job's AIP_MODEL_DIR (gs://bucket/path, set by Vertex from baseOutputDirectory) read through
 Vertex's Cloud Storage mount /gcs/bucket/path (GCS_MOUNT). Without either they stay local.
+
+Several replicas (a chief and workers, `scripts.deploy train --replicas N`): cloud/cluster.py maps Vertex's
+CLUSTER_SPEC to Lightning's DDP variables and `trainer.num_nodes`; every replica prepares the data and trains,
+only the chief (rank 0) exports, archives and copies. Sharded data can stay in the bucket:
+`paths.data=/gcs/<bucket>/<folder>` reads the shards through the mount, without copying them first.
 """
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
+from cloud.cluster import lightning_env
 from common.cli import BundleError
 from common.config import load_config
 from common.io import atomic_dir, atomic_path
@@ -37,10 +44,25 @@ def output_dir(env: dict[str, str]) -> Path | None:
     return Path(env.get("GCS_MOUNT", "/gcs")) / model_dir.removeprefix("gs://")
 
 
+def join_cluster(env: dict[str, str], overrides: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Several replicas: export Lightning's DDP variables into this process, add trainer.num_nodes (one
+    process per machine); return them and the overrides. One replica: nothing changes."""
+    cluster = lightning_env(env)
+    if not cluster:
+        return {}, list(overrides)
+    os.environ.update(cluster)
+    log.info("replica %s of %s, chief %s", cluster["NODE_RANK"], cluster["WORLD_SIZE"], cluster["MASTER_ADDR"])
+    return cluster, [*overrides, f"trainer.num_nodes={cluster['WORLD_SIZE']}", "trainer.devices=1"]
+
+
 def run(overrides: list[str], env: dict[str, str]) -> list[Path]:
     """The pipeline, then the copies; returns the files written to the output folder."""
     out = output_dir(env)  # a bad AIP_MODEL_DIR fails before hours of training
+    cluster, overrides = join_cluster(env, overrides)
     cfg = load_config(overrides)
+    if cluster and cluster["NODE_RANK"] != "0":  # a worker: train with the others; the chief does the rest
+        pipeline.run(cfg, only=["data", "train"])
+        return []
     mar = pipeline.run(cfg)["archive"]
     if out is None:
         log.warning("no OUTPUT_DIR or AIP_MODEL_DIR: the outputs stay in the container")

@@ -3,6 +3,7 @@
     python -m scripts.deploy serve --project my-proj --region europe-west1 --dry-run   # Cloud Run
     python -m scripts.deploy serve --project my-proj --skip-build                      # redeploy the pushed image
     python -m scripts.deploy train --project my-proj --bucket my-bucket --dry-run      # Vertex AI custom job
+    python -m scripts.deploy train --bucket my-bucket --replicas 3 --dry-run           # DDP: chief + 2 workers
     python -m scripts.deploy serve --dry-run model=resnet18                            # Hydra overrides last
 
 Model name and version come from the Hydra config, the port from docker/config.properties, the
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-build", action="store_true", help="serve: deploy the pushed image, no Cloud Build")
     parser.add_argument("--bucket", help="train: GCS bucket for the job's outputs")
     parser.add_argument("--machine-type", default="n1-standard-4", help="train: Vertex AI machine type")
+    parser.add_argument("--replicas", type=int, default=1, help="train: machines; >1 = DDP, a chief and N-1 workers")
     parser.add_argument("--dry-run", action="store_true", help="print the gcloud commands, run nothing")
     args = parser.parse_intermixed_args(argv)
 
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
             machine=args.machine_type,
             overrides=tuple(args.overrides),
             dry_run=args.dry_run,
+            replicas=args.replicas,
         )
 
 

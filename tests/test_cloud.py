@@ -229,3 +229,93 @@ def test_command_lines_help_and_one_line_errors(tmp_path):
     )
     assert run.returncode == 1 and run.stderr.strip() == f"error: AIP_MODEL_DIR {str(tmp_path)!r} is not a gs:// URI"
     assert not list(tmp_path.iterdir())
+
+
+def test_train_dry_run_with_replicas_prints_a_chief_and_workers(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(deploy, "RENDERED", tmp_path)
+    deploy_main(["train", "--bucket", "b", "--replicas", "3", "--dry-run", "paths.data=/gcs/b/data/pets"])
+    out = capsys.readouterr().out
+    spec = yaml.safe_load((tmp_path / "vertex-job.digits_cnn.yaml").read_text())
+    chief, workers = spec["workerPoolSpecs"]
+    assert (chief["replicaCount"], workers["replicaCount"]) == (1, 2)
+    assert chief["containerSpec"] == workers["containerSpec"] and chief["machineSpec"] == workers["machineSpec"]
+    assert chief["containerSpec"]["args"] == ["trainer=ddp", "paths.data=/gcs/b/data/pets"]
+    assert "#     replicaCount: 2" in out  # the job itself is printed
+    deploy_main(["train", "--bucket", "b", "--dry-run"])
+    one = yaml.safe_load((tmp_path / "vertex-job.digits_cnn.yaml").read_text())
+    assert len(one["workerPoolSpecs"]) == 1 and one["workerPoolSpecs"][0]["containerSpec"]["args"] == []
+    with pytest.raises(SystemExit, match="--replicas 0: need at least 1"):
+        deploy_main(["train", "--bucket", "b", "--replicas", "0", "--dry-run"])
+
+
+HOSTS = {"workerpool0": ["chief-0:2222"], "workerpool1": ["worker-0:2222", "worker-1:2222"]}
+TF_HOSTS = {"chief": HOSTS["workerpool0"], "worker": HOSTS["workerpool1"]}
+REPLICAS = [  # (variable, cluster, task, expected node rank)
+    ("CLUSTER_SPEC", HOSTS, {"type": "workerpool0", "index": 0}, 0),
+    ("CLUSTER_SPEC", HOSTS, {"type": "workerpool1", "index": 0}, 1),
+    ("CLUSTER_SPEC", HOSTS, {"type": "workerpool1", "index": 1}, 2),
+    ("TF_CONFIG", TF_HOSTS, {"type": "worker", "index": 1}, 2),
+]
+DERIVE = """
+import json, os, sys
+import lightning as L
+from cloud.vertex import join_cluster
+from common.config import load_config
+for variable, spec in json.loads(sys.argv[1]):
+    for name in ("CLUSTER_SPEC", "TF_CONFIG"):
+        os.environ.pop(name, None)
+    os.environ[variable] = spec
+    cluster, overrides = join_cluster(dict(os.environ), ["trainer=ddp"])
+    t = load_config(overrides).trainer
+    trainer = L.Trainer(accelerator="cpu", strategy=t.strategy, devices=t.devices, num_nodes=t.num_nodes, logger=False)
+    env = trainer.strategy.cluster_environment
+    print(json.dumps({"global_rank": trainer.global_rank, "node_rank": trainer.node_rank,
+        "world_size": trainer.world_size, "address": env.main_address, "port": env.main_port,
+        "launches": not env.creates_processes_externally, "environment": type(env).__name__,
+        "exported": {k: os.environ[k] for k in cluster}}))
+"""
+
+
+def test_vertex_cluster_spec_gives_lightning_the_ranks_and_the_chief_address():
+    """Each replica's environment as Vertex sets it, through the entrypoint's mapping, into a real Lightning
+    Trainer (in a subprocess: the Trainer sets process-wide rank state)."""
+    import json
+
+    cases = [
+        (variable, json.dumps({"cluster": hosts, "task": task, "environment": "cloud"}))
+        for variable, hosts, task, _ in REPLICAS
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("CLUSTER_SPEC", "TF_CONFIG", "LOCAL_RANK", "RANK")}
+    run = subprocess.run(
+        [sys.executable, "-c", DERIVE, json.dumps(cases)], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == len(REPLICAS)
+    for got, (variable, _, task, rank) in zip(results, REPLICAS, strict=True):
+        assert got == {
+            "global_rank": rank,
+            "node_rank": rank,
+            "world_size": 3,
+            "address": "chief-0",
+            "port": 2222,
+            "launches": True,
+            "environment": "LightningEnvironment",
+            "exported": {"MASTER_ADDR": "chief-0", "MASTER_PORT": "2222", "WORLD_SIZE": "3", "NODE_RANK": str(rank)},
+        }, (variable, task)
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("{not json", "not Vertex's cluster description"),
+        ('{"cluster": {"workerpool1": ["w:1"]}, "task": {"type": "workerpool1", "index": 0}}', "exactly one chief"),
+        ('{"cluster": {"workerpool0": ["c:1"]}, "task": {"type": "workerpool3", "index": 0}}', "does not train"),
+    ],
+)
+def test_a_bad_cluster_spec_is_a_clear_error(spec, message):
+    from cloud.cluster import ClusterError, lightning_env
+
+    assert lightning_env({}) == {}
+    with pytest.raises(ClusterError, match=message):
+        lightning_env({"CLUSTER_SPEC": spec})
