@@ -111,24 +111,28 @@ class DriftMonitor:
         self.confidence = np.zeros(window)
         self.count = 0  # images seen; the window holds the last min(count, window)
         self._scores: dict[str, float] | None = None
-        self._scored_at = 0
+        self.scored_at = 0  # `count` when the scores were last computed: the handler emits them only then
 
     def __len__(self) -> int:
         return min(self.count, len(self.classes))
 
     def add(self, values: np.ndarray, classes: list[int], confidence: list[float]) -> None:
+        """Append a batch to the ring buffer, vectorised: one write per array, the oldest rows overwritten."""
         window = len(self.classes)
-        for row, cls, conf in zip(values[-window:], classes[-window:], confidence[-window:], strict=True):
-            slot = self.count % window
-            self.values[slot], self.classes[slot], self.confidence[slot] = row, cls, conf
-            self.count += 1
+        n = len(values)
+        keep = min(n, window)
+        slots = (self.count + n - keep + np.arange(keep)) % window
+        self.values[slots] = values[n - keep :]
+        self.classes[slots] = np.asarray(classes[n - keep :], dtype=np.int64)
+        self.confidence[slots] = np.asarray(confidence[n - keep :], dtype=np.float64)
+        self.count += n
 
     def scores(self) -> dict[str, float] | None:
         """None until the window holds `min_samples` images; recomputed every `every` new images."""
         n = len(self)
         if n < self.min_samples:
             return None
-        if self._scores is None or self.count - self._scored_at >= self.every:
+        if self._scores is None or self.count - self.scored_at >= self.every:
             self._scores = scores(self.ref, self.values[:n], self.classes[:n], self.confidence[:n])
-            self._scored_at = self.count
+            self.scored_at = self.count
         return self._scores

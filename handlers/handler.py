@@ -26,6 +26,7 @@ class Handler:
 
     def __init__(self) -> None:
         self.classifier: ImageClassifier | None = None
+        self.drift_emitted_at = -1  # the drift window's `scored_at` when DriftScore was last emitted
 
     def initialize(self, context) -> None:
         props = context.system_properties
@@ -52,25 +53,32 @@ class Handler:
         return [json.dumps(r.body) for r in batch.results]
 
     def record(self, metrics, batch: Batch) -> None:
-        """Custom metrics, declared in the bundle's metrics.yaml so that Prometheus exports them."""
+        """Custom metrics, declared in the bundle's metrics.yaml so that Prometheus exports them.
+
+        Once per batch, not per image: every metric is a log line the worker writes and the frontend parses,
+        tagged with the batch's first request id (TorchServe's default tags each line with all of them).
+        DriftScore goes out when the scores were recomputed (every 16 images), not with every batch."""
         if metrics is None:
             return
         dims = [Dimension("ModelName", self.classifier.name), Dimension("Level", "Model")]
 
         def emit(name: str, value: float, unit: str, kind: MetricTypes, extra: list[Dimension] = ()) -> None:
-            metrics.add_metric(name, value, unit, dimensions=[*dims, *extra], metric_type=kind)
+            metrics.add_metric(name, value, unit, idx=0, dimensions=[*dims, *extra], metric_type=kind)
 
         emit("DecodeTime", batch.decode_ms, "ms", MetricTypes.GAUGE)
         emit("InferenceTime", batch.inference_ms, "ms", MetricTypes.GAUGE)
         emit("BatchSize", len(batch.results), "count", MetricTypes.HISTOGRAM)
-        for _, probability in batch.top:
-            emit("TopConfidence", probability, "ratio", MetricTypes.HISTOGRAM)
         for label, count in Counter(label for label, _ in batch.top).items():
             emit("Predictions", count, "count", MetricTypes.COUNTER, [Dimension("Label", label)])
         for status, count in Counter(r.status for r in batch.results if r.status != 200).items():
             emit("RejectedRequests", count, "count", MetricTypes.COUNTER, [Dimension("Status", str(status))])
-        if batch.top:
-            emit("DriftTime", batch.drift_ms, "ms", MetricTypes.GAUGE)
-            drift = self.classifier.drift.scores() if self.classifier.drift else None
-            for feature, score in (drift or {}).items():
+        if not batch.top:
+            return
+        emit("TopConfidence", sum(p for _, p in batch.top) / len(batch.top), "ratio", MetricTypes.HISTOGRAM)
+        emit("DriftTime", batch.drift_ms, "ms", MetricTypes.GAUGE)
+        drift = self.classifier.drift
+        scores = drift.scores() if drift else None
+        if scores and drift.scored_at != self.drift_emitted_at:
+            self.drift_emitted_at = drift.scored_at
+            for feature, score in scores.items():
                 emit("DriftScore", score, "score", MetricTypes.GAUGE, [Dimension("Feature", feature)])

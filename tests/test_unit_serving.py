@@ -7,6 +7,7 @@ import base64
 import json
 import logging
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -15,7 +16,7 @@ from torch.nn import functional as F
 from handlers import files
 from handlers.classifier import ImageClassifier
 from handlers.decode import InputError
-from handlers.drift import Reference
+from handlers.drift import FEATURES, DriftMonitor, Reference
 from handlers.handler import Handler
 from tests.client import close, png
 from training.archive import model_config
@@ -214,6 +215,50 @@ def test_handler_emits_the_declared_metrics(adapter, caplog):
     assert want <= emitted
     assert any("Predictions.Count:2" in line and "Label:red" in line for line in lines), lines
     assert any("Status:415" in line for line in lines)
+
+
+def test_handler_emits_metrics_once_per_batch(adapter, caplog):
+    """One TopConfidence (the batch's mean top-1 probability) per batch, one request id per line, and DriftScore
+    only when the drift window rescored (every 16 images), whatever the batch size."""
+    handler, context = adapter
+    min_samples, every = handler.classifier.drift.min_samples, handler.classifier.drift.every
+
+    def batch(n: int) -> tuple[list[str], list[dict]]:
+        context.metrics.request_ids = {i: f"request-{i}" for i in range(n)}
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="ts.metrics.caching_metric"):
+            answers = [json.loads(a) for a in handler.handle([{"body": png(solid(RED))}] * n, context)]
+        return [r.getMessage() for r in caplog.records if "[METRICS]" in r.getMessage()], answers
+
+    def named(lines: list[str], name: str) -> list[str]:
+        return [line for line in lines if line.startswith(f"[METRICS]{name}.")]
+
+    lines, answers = batch(min_samples + 6)  # enough for the first drift scores
+    [top] = named(lines, "TopConfidence")
+    mean = sum(a["probability"] for a in answers) / len(answers)
+    assert abs(float(top.split(":")[1].split("|")[0]) - mean) < 1e-6
+    assert all(line.endswith(",request-0") for line in lines), lines[0]
+    assert len(named(lines, "DriftScore")) == len(handler.classifier.drift_summary()["scores"])
+    small = batch(1)[0]
+    assert named(small, "DriftScore") == [] and named(batch(every - 2)[0], "DriftScore") == []  # no rescore yet
+    large = batch(every)[0]
+    assert len(named(large, "DriftScore")) == len(named(lines, "DriftScore"))
+    assert len(small) == len(large) - len(named(large, "DriftScore"))  # per batch, not per image
+
+
+def test_drift_window_keeps_the_last_images():
+    """The ring buffer, written a batch at a time, holds exactly the last `window` rows, any batch size."""
+    monitor = DriftMonitor(reference(), window=5, min_samples=1)
+    rows = np.arange(14 * len(FEATURES), dtype=np.float64).reshape(14, len(FEATURES))
+    added = 0
+    for n in (3, 1, 7, 0, 3):
+        monitor.add(rows[added : added + n], list(range(added, added + n)), [float(k) for k in range(added, added + n)])
+        added += n
+        kept = list(range(max(0, added - 5), added))
+        assert len(monitor) == len(kept)
+        assert sorted(monitor.classes[: len(monitor)].tolist()) == kept
+        assert sorted(monitor.confidence[: len(monitor)].tolist()) == [float(k) for k in kept]
+        assert sorted(map(tuple, monitor.values[: len(monitor)].tolist())) == [tuple(rows[k]) for k in kept]
 
 
 def test_handler_describe_returns_the_drift_summary(adapter):
