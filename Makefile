@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: help venv serve test pipeline data train export archive lint format clean
+.PHONY: help venv serve test pipeline data train loaders export archive lint format clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -35,6 +35,9 @@ data: $(STAMP)  ## prepare the dataset (ARGS='data=folder data.root=...')
 
 train: $(STAMP)  ## train (ARGS='model=resnet18 trainer.max_epochs=3')
 	$(PY) -m training.train $(ARGS)
+
+loaders: $(STAMP)  ## time the DataLoader for 0/1/2/4 workers -> reports/loaders/ (ARGS='--folder my_images')
+	$(PY) -m scripts.loaders $(ARGS)
 
 export: $(STAMP)  ## TorchScript export, checked against the eager model
 	$(PY) -m training.export $(ARGS)
