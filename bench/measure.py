@@ -1,5 +1,6 @@
-"""The measurements: the serving core in this process (no HTTP), and Locust against a running server
-with the server's CPU time per request; `measure` runs them, repeats interleaved across servers."""
+"""The measurements: the serving core in this process (no HTTP), and wrk against a running server (closed loop
+at each connection count, then paced at fixed arrival rates) with the server's CPU time per request; `measure`
+runs them, repeats interleaved across servers."""
 
 import json
 import os
@@ -11,18 +12,20 @@ import numpy as np
 import psutil
 import torch
 
+from bench import wrk
 from bench.models import BenchError, Model, log
 from bench.servers import Running, Server, start
-from loadtest.runner import LoadTestError, run_locust
 from servers.fastapi import load_classifier
 from servers.process import ServerError
 
+BODIES = 256  # distinct test-set images wrk sends in turn
 
-def cpu_seconds(pid: int) -> float:
+
+def cpu_seconds(pid: int, recursive: bool = True) -> float:
     """User + system CPU time of a process and its live descendants (TorchServe: Java frontend + workers)."""
     try:
         root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
+        procs = [root, *root.children(recursive=True)] if recursive else [root]
     except psutil.Error:
         return 0.0
     total = 0.0
@@ -62,9 +65,26 @@ def in_process(model: Model, batch: int, seconds: float) -> dict:
     return {"images_per_s": per_s, "p50_ms": p50, "p99_ms": p99, "threads": classifier.settings.threads}
 
 
+def worker_cpu_seconds(pid: int) -> float:
+    """CPU time of the processes that run the handler: TorchServe's Python workers, else the whole tree."""
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    workers = [p for p in procs if "model_service_worker" in " ".join(cmdline(p))]
+    return sum(cpu_seconds(p.pid, recursive=False) for p in workers) if workers else cpu_seconds(pid)
+
+
+def cmdline(proc: psutil.Process) -> list[str]:
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
+
+
 def drain(model: Model, running: Running, timeout: float = 300) -> None:
-    """Wait until the server has answered what an ended Locust run left queued: TorchServe still works
-    through requests whose clients are gone, and the next measurement must not queue behind them."""
+    """Wait until the server has answered what an ended run left queued: TorchServe still works through
+    requests whose clients are gone, and the next measurement must not queue behind them."""
     headers = {"Content-Type": "image/png", "Authorization": f"Bearer {running.token}"}
     url = f"{running.host}/predictions/{model.name}"
     request = urllib.request.Request(url, data=model.images[0], headers=headers)
@@ -72,25 +92,33 @@ def drain(model: Model, running: Running, timeout: float = 300) -> None:
         response.read()
 
 
-def locust(model: Model, running: Running, users: int, seconds: float) -> dict:
-    """Closed loop: raw PNG requests without waits, every user spawned at once, statistics reset then."""
-    options = {"model": model.name, "data": model.cfg.paths.data, "mix": "raw=1", "malformed_share": 0}
-    options.update(wait_min=0, wait_max=0)
-    return run_locust(running.host, users, users, seconds, None, running.token, options, reset_stats=True)
+def load(model: Model, running: Running, connections: int, seconds: float, rate: float = 0) -> dict:
+    """wrk: raw PNG requests on `connections` keep-alive connections, closed loop, or paced at `rate` req/s."""
+    url = f"{running.host}/predictions/{model.name}"
+    headers = {"Authorization": f"Bearer {running.token}"} if running.token else {}
+    try:
+        return wrk.run(url, headers, model.images[:BODIES], connections, seconds, rate)
+    except RuntimeError as err:
+        raise BenchError(str(err)) from None
 
 
-def under_load(model: Model, running: Running, users: int, seconds: float) -> dict:
-    """One Locust measurement: throughput, latency, and the server's CPU time per request sent."""
-    load, cpu = os.getloadavg()[0], cpu_seconds(running.process.pid)
-    summary = locust(model, running, users, seconds)
-    cpu_ms = (cpu_seconds(running.process.pid) - cpu) * 1e3 / max(1, summary.get("sent", 0))
-    s = summary["wellformed"]
-    row = {"users": users, "load1": load, **{k: s[k] for k in ("count", "failures", "rps", "p50_ms", "p95_ms")}}
-    row.update(p99_ms=s["p99_ms"], cpu_ms=cpu_ms)
+def under_load(model: Model, running: Running, connections: int, seconds: float, rate: float = 0) -> dict:
+    """One wrk measurement: throughput, latency, errors, the client's CPU share, and the server's CPU time per
+    request (all its processes, and the handler's processes alone)."""
+    pid = running.process.pid
+    load1, cpu, worker = os.getloadavg()[0], cpu_seconds(pid), worker_cpu_seconds(pid)
+    r = load(model, running, connections, seconds, rate)
+    answered = max(1, r["requests"])
+    cpu_ms = (cpu_seconds(pid) - cpu) * 1e3 / answered
+    worker_ms = (worker_cpu_seconds(pid) - worker) * 1e3 / answered
+    row = {"connections": connections, "rate": rate, "load1": load1, "count": r["requests"], "failures": r["errors"]}
+    row.update({k: r[k] for k in ("rps", "p50_ms", "p90_ms", "p99_ms", "client_cpu")}, cpu_ms=cpu_ms)
+    row["worker_cpu_ms"] = worker_ms
     drain(model, running)
+    what = f"{rate:5.0f}/s paced" if rate else f"{connections:>3} connections"
     log(
-        f"  {users:>3} users: {s['rps']:7.0f} req/s  p50 {s['p50_ms']:6.1f}  p99 {s['p99_ms']:6.1f} ms"
-        f"  failures {s['failures']}  server CPU {cpu_ms:.2f} ms/req  (load {load:.1f})"
+        f"  {what}: {r['rps']:7.0f} req/s  p50 {r['p50_ms']:6.2f}  p99 {r['p99_ms']:6.2f} ms  errors {r['errors']}"
+        f"  server CPU {cpu_ms:.2f} (worker {worker_ms:.2f}) ms/req  wrk CPU {r['client_cpu']:.0%}  (load {load1:.1f})"
     )
     return row
 
@@ -116,12 +144,15 @@ def measure(model: Model, servers: list[Server], plan, workdir, results: dict) -
             results["ready"].append(ready)
             log(f"{model.key} {server.label} (repeat {repeat + 1}): ready after {running.ready_s:.1f} s")
             try:
-                locust(model, running, max(server.users), plan.warmup_s)
+                load(model, running, max(server.connections), plan.warmup_s)
                 drain(model, running)
-                for users in server.users:
-                    row = under_load(model, running, users, plan.run_time_s)
+                for connections in server.connections:
+                    row = under_load(model, running, connections, plan.run_time_s)
                     results["runs"].append({"model": model.key, "server": server.label, "repeat": repeat, **row})
-            except (LoadTestError, OSError) as err:
+                for rate in server.rates:
+                    row = under_load(model, running, plan.paced_connections, plan.run_time_s, rate)
+                    results["open"].append({"model": model.key, "server": server.label, "repeat": repeat, **row})
+            except (BenchError, OSError) as err:
                 results["errors"].append(f"{model.key} {server.label}: {err}")
                 log(f"error: {results['errors'][-1]}")
             finally:

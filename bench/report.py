@@ -11,10 +11,10 @@ def median_rows(results: dict, model: str) -> dict[tuple[str, int], dict]:
     groups: dict[tuple[str, int], list[dict]] = {}
     for row in results["runs"]:
         if row["model"] == model:
-            groups.setdefault((row["server"], row["users"]), []).append(row)
+            groups.setdefault((row["server"], row["connections"]), []).append(row)
     out = {}
     for key, rows in groups.items():
-        keys = ("rps", "p50_ms", "p95_ms", "p99_ms", "cpu_ms")
+        keys = ("rps", "p50_ms", "p90_ms", "p99_ms", "cpu_ms", "worker_cpu_ms", "client_cpu")
         out[key] = {k: statistics.median(r[k] for r in rows) for k in keys}
         out[key].update(failures=sum(r["failures"] for r in rows), n=len(rows))
     return out
@@ -43,13 +43,14 @@ def plot(results: dict, model: str, servers: list[str], path: Path) -> None:
     for server in servers:
         points = sorted((u, m) for (s, u), m in medians.items() if s == server)
         if points:
-            users = [u for u, _ in points]
-            left.plot(users, [m["rps"] for _, m in points], marker="o", label=server)
-            right.plot(users, [m["p99_ms"] for _, m in points], marker="o", label=server)
+            connections = [u for u, _ in points]
+            left.plot(connections, [m["rps"] for _, m in points], marker="o", label=server)
+            right.plot(connections, [m["p99_ms"] for _, m in points], marker="o", label=server)
     if limit:
         left.axhline(limit, color="gray", linestyle="--", label="in-process limit (best batch)")
     for ax, title, unit in ((left, "throughput", "requests/s"), (right, "p99 latency", "ms")):
-        ax.set(xscale="log", yscale="log", xlabel="Locust users (closed loop)", ylabel=unit, title=f"{model}: {title}")
+        ax.set(xscale="log", yscale="log", xlabel="wrk connections (closed loop)", ylabel=unit)
+        ax.set_title(f"{model}: {title}")
         ax.grid(True, which="both", alpha=0.3)
     left.legend(fontsize=8)
     fig.tight_layout()
@@ -62,6 +63,17 @@ def goal(ok: bool | None) -> str:
     return "n/a" if ok is None else ("met" if ok else "**missed**")
 
 
+def open_medians(results: dict, model: str) -> dict[tuple[str, float], dict]:
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for row in results.get("open", []):
+        if row["model"] == model:
+            groups.setdefault((row["server"], row["rate"]), []).append(row)
+    return {
+        key: {k: statistics.median(r[k] for r in rows) for k in ("rps", "p50_ms", "p99_ms", "cpu_ms", "failures")}
+        for key, rows in groups.items()
+    }
+
+
 def report(results: dict, models: list[str], servers: list[str], heavy: str | None) -> str:
     meta = results["meta"]
     lines = [
@@ -69,30 +81,34 @@ def report(results: dict, models: list[str], servers: list[str], heavy: str | No
         "",
         f"Written by `python -m scripts.bench{(' ' + meta['args']) if meta['args'] else ''}` on {meta['date']}, "
         f"{meta['minutes']:.1f} minutes. Machine: {meta['machine']}. torch {meta['torch']}, "
-        f"TorchServe {meta['torchserve']}, Locust {meta['locust']}.",
+        f"TorchServe {meta['torchserve']}, wrk {meta['wrk']}.",
         "",
         f"Load average (1 min) at start {meta['load_start']:.1f}, at end {meta['load_end']:.1f}, median over the "
         f"measurements {meta['load_median']:.1f}. {meta['note']}",
         "",
-        "**Load generator, identical for every server:** one headless Locust process (FastHttpUser) on the same "
-        "2 cores as the server, closed loop (no wait), raw PNG bytes of the test-set images, all users spawned "
-        f"at once, statistics reset when they are, then {meta['run_time_s']} s measured; {meta['repeats']} "
-        "repeats interleaved across servers, each number the median of the repeats (failures: the sum). "
-        "Latency is measured by the client, so it includes Locust's own queueing on the shared CPU.",
+        "**Load generator, identical for every server:** `wrk` (C, one thread) on the same cores as the server, "
+        "raw PNG bytes of the test-set images on keep-alive connections. Closed loop: each connection sends its "
+        f"next request when the answer arrives, {meta['run_time_s']} s per point after a discarded warm-up run; "
+        f"wrk's own CPU share is in the table (1.0 = a core). Open loop: {meta['paced_connections']} connections, "
+        "each waiting an exponential gap before its next request, Poisson arrivals at the stated rate in all (a slow "
+        "answer delays its own connection only; the achieved rate is reported). "
+        f"{meta['repeats']} repeat(s) interleaved across servers, each number the median (errors: the sum). "
+        "Server CPU is the user + system time of all its processes per answered request; *worker* is the handler's "
+        "processes alone (TorchServe's Python workers).",
         "",
         "**Servers:** *in-process* = the serving core (handlers/classifier.py, as the archive packs it: decode, "
-        "TorchScript forward with preprocessing, "
-        "top-k, JSON) in one Python process, no HTTP, one call per batch; *stock* = TorchServe defaults "
-        f"({meta['stock']}); *tuned* = what ships (`config.properties` + `serve:`: {meta['tuned']}); "
-        "*tuned, batch 1* = the same with batchSize 1; *FastAPI* = a plain single-process FastAPI app "
-        "(servers/fastapi.py, uvicorn defaults) over the same serving core, one request per forward pass.",
+        "TorchScript forward with preprocessing, top-k, JSON) in one Python process, no HTTP, one call per batch; "
+        f"*stock* = TorchServe defaults ({meta['stock']}); *tuned* = what ships (`config.properties` + `serve:`: "
+        f"{meta['tuned']}); *tuned, batch 1* = the same with batchSize 1; *FastAPI* = a plain FastAPI app "
+        f"(servers/fastapi.py) over the same serving core under uvicorn, one worker process per core "
+        f"({meta['cores']}), one request per forward pass.",
         "",
     ]
     for model in models:
         medians = median_rows(results, model)
         inproc = inprocess_medians(results, model)
         best = max((m["images_per_s"] for m in inproc.values()), default=0.0)
-        users = sorted({u for (_, u) in medians})
+        counts = sorted({c for (_, c) in medians})
         lines += [f"## {model}", ""]
         if inproc:
             lines += ["In-process limit (serving core, no HTTP):", ""]
@@ -100,30 +116,41 @@ def report(results: dict, models: list[str], servers: list[str], heavy: str | No
             for b, m in inproc.items():
                 lines.append(f"| {b} | {m['images_per_s']:.0f} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} |")
             lines.append("")
-        header = (
-            "| users | "
-            + " | ".join(f"{s} req/s | {s} p99 ms" for s in servers)
-            + " | tuned/stock | tuned/in-process |"
-        )
-        lines += [header, "|" + " ---: |" * (1 + 2 * len(servers) + 2)]
-        for u in users:
+        lines += ["Closed loop, requests/s · p50 / p99 ms (errors, if any):", ""]
+        lines += ["| connections | " + " | ".join(servers) + " | tuned/FastAPI | tuned/in-process |"]
+        lines += ["|" + " ---: |" * (3 + len(servers))]
+        for c in counts:
             cells = []
             for s in servers:
-                m = medians.get((s, u))
-                fail = f" ({m['failures']} failed)" if m and m["failures"] else ""
-                cells += [f"{m['rps']:.0f}{fail}", f"{m['p99_ms']:.1f}"] if m else ["", ""]
-            tuned, stock = medians.get(("tuned", u)), medians.get(("stock", u))
-            ratio = f"{tuned['rps'] / stock['rps']:.1f}×" if tuned and stock and stock["rps"] else ""
+                m = medians.get((s, c))
+                fail = f" ({m['failures']} errors)" if m and m["failures"] else ""
+                cells.append(f"{m['rps']:.0f} · {m['p50_ms']:.1f} / {m['p99_ms']:.1f}{fail}" if m else "")
+            tuned, fast = medians.get(("tuned", c)), medians.get((FASTAPI, c))
+            ratio = f"{tuned['rps'] / fast['rps']:.2f}×" if tuned and fast and fast["rps"] else ""
             share = f"{tuned['rps'] / best:.0%}" if tuned and best else ""
-            lines.append(f"| {u} | " + " | ".join(cells) + f" | {ratio} | {share} |")
-        lines += ["", "p50 / p95 latency (ms) · server CPU time per request (ms, all its processes), medians:", ""]
-        lines += ["| users | " + " | ".join(servers) + " |", "|" + " ---: |" * (1 + len(servers))]
-        for u in users:
+            lines.append(f"| {c} | " + " | ".join(cells) + f" | {ratio} | {share} |")
+        lines += ["", "Server CPU ms per request (worker alone) · wrk's CPU share:", ""]
+        lines += ["| connections | " + " | ".join(servers) + " |", "|" + " ---: |" * (1 + len(servers))]
+        for c in counts:
             cells = [
-                f"{m['p50_ms']:.1f} / {m['p95_ms']:.1f} · {m['cpu_ms']:.2f}" if (m := medians.get((s, u))) else ""
+                f"{m['cpu_ms']:.2f} ({m['worker_cpu_ms']:.2f}) · {m['client_cpu']:.2f}"
+                if (m := medians.get((s, c)))
+                else ""
                 for s in servers
             ]
-            lines.append(f"| {u} | " + " | ".join(cells) + " |")
+            lines.append(f"| {c} | " + " | ".join(cells) + " |")
+        opened = open_medians(results, model)
+        if opened:
+            rates = sorted({r for (_, r) in opened})
+            lines += ["", "Open loop (paced arrivals), achieved req/s · p50 / p99 ms:", ""]
+            lines += ["| target req/s | " + " | ".join(servers) + " |", "|" + " ---: |" * (1 + len(servers))]
+            for r in rates:
+                cells = []
+                for s in servers:
+                    m = opened.get((s, r))
+                    fail = f" ({m['failures']:.0f} errors)" if m and m["failures"] else ""
+                    cells.append(f"{m['rps']:.0f} · {m['p50_ms']:.1f} / {m['p99_ms']:.1f}{fail}" if m else "")
+                lines.append(f"| {r:.0f} | " + " | ".join(cells) + " |")
         ready = {}
         for row in results["ready"]:
             if row["model"] == model:
@@ -145,38 +172,46 @@ def report(results: dict, models: list[str], servers: list[str], heavy: str | No
 def goals(results: dict, models: list[str], heavy: str | None) -> list[str]:
     """bench.goals of configs/loadtest.yaml (as the run recorded them), met or missed."""
     target = results["meta"]["goals"]
-    users, times, p99 = target["users"], target["tuned_vs_stock"], target["p99_ms"]
-
-    def at(model: str, server: str) -> dict | None:
-        return median_rows(results, model).get((server, users))
-
+    conns = target["connections"]
     first = models[0] if models else None
-    tuned, stock, fast = (at(first, s) if first else None for s in ("tuned", "stock", FASTAPI))
+    medians = median_rows(results, first) if first else {}
+    tuned, stock, fast = (medians.get((s, conns)) for s in ("tuned", "stock", FASTAPI))
     rows = ["## Goals", "", "| goal | measured | |", "| --- | --- | --- |"]
-    if tuned and stock:
-        ratio = tuned["rps"] / stock["rps"] if stock["rps"] else float("inf")
-        rows.append(f"| tuned ≥ {times}× stock at {users} users ({first}) | {ratio:.1f}× | {goal(ratio >= times)} |")
-    if tuned and fast:
-        ok = tuned["rps"] >= fast["rps"]
-        rows.append(
-            f"| tuned TorchServe ahead of FastAPI at {users} users ({first}) | {tuned['rps']:.0f} vs "
-            f"{fast['rps']:.0f} req/s | {goal(ok)} |"
-        )
+
+    def ratio(a: dict | None, b: dict | None) -> float | None:
+        return a["rps"] / b["rps"] if a and b and b["rps"] else None
+
+    for name, other, times in (("stock", stock, target["tuned_vs_stock"]), (FASTAPI, fast, target["tuned_vs_fastapi"])):
+        if (r := ratio(tuned, other)) is not None:
+            rows.append(
+                f"| tuned ≥ {times}× {name} at {conns} connections ({first}) | {tuned['rps']:.0f} vs "
+                f"{other['rps']:.0f} req/s: {r:.2f}× | {goal(r >= times)} |"
+            )
     if tuned:
-        ok = tuned["p99_ms"] <= p99 and tuned["failures"] == 0
+        ok = tuned["p99_ms"] <= target["p99_ms"] and tuned["failures"] == 0
         rows.append(
-            f"| tuned p99 ≤ {p99} ms at {users} users, no failures ({first}) | {tuned['p99_ms']:.1f} ms, "
-            f"{tuned['failures']} failures | {goal(ok)} |"
+            f"| tuned p99 ≤ {target['p99_ms']} ms at {conns} connections, no errors | {tuned['p99_ms']:.1f} ms, "
+            f"{tuned['failures']} errors | {goal(ok)} |"
+        )
+    if one := medians.get(("tuned", 1)):
+        ok = one["p50_ms"] <= target["p50_ms_at_1"]
+        rows.append(f"| tuned p50 ≤ {target['p50_ms_at_1']} ms at 1 connection | {one['p50_ms']:.2f} ms | {goal(ok)} |")
+    if four := medians.get(("tuned", 4)):
+        ok = four["rps"] >= target["rps_at_4"]
+        rows.append(f"| tuned ≥ {target['rps_at_4']} req/s at 4 connections | {four['rps']:.0f} | {goal(ok)} |")
+    best = max((m["images_per_s"] for m in inprocess_medians(results, first).values()), default=0.0) if first else 0
+    if tuned and best:
+        share = tuned["rps"] / best
+        rows.append(
+            f"| tuned ≥ {target['inprocess_share']:.0%} of the in-process limit at {conns} connections | "
+            f"{tuned['rps']:.0f} of {best:.0f}: {share:.0%} | {goal(share >= target['inprocess_share'])} |"
         )
     if heavy in models:
-        batched, single = at(heavy, "tuned"), at(heavy, "tuned, batch 1")
-        if batched and single:
-            gain = batched["rps"] / single["rps"] if single["rps"] else float("inf")
+        heavy_medians = median_rows(results, heavy)
+        batched, single = heavy_medians.get(("tuned", conns)), heavy_medians.get(("tuned, batch 1", conns))
+        if (gain := ratio(batched, single)) is not None:
             rows.append(
-                f"| {heavy}: batching beats batch size 1 at {users} users | {batched['rps']:.0f} vs "
+                f"| {heavy}: batching beats batch size 1 at {conns} connections | {batched['rps']:.0f} vs "
                 f"{single['rps']:.0f} req/s ({gain:.2f}×) | {goal(gain > 1)} |"
             )
-    ready = [r["s"] for r in results["ready"] if r["server"] == "tuned"]
-    if ready:
-        rows.append(f"| time to READY measured (tuned, all models) | median {statistics.median(ready):.1f} s | met |")
     return rows

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from bench import wrk
 from bench.measure import measure
 from bench.models import HEAVY, BenchError, log, prepare, unpack_model
 from bench.report import plot, report
@@ -28,23 +29,27 @@ MODELS = ("digits", HEAVY)  # --models: the shipped archive, the heavier model
 class Plan:
     """How much to measure: bench.* of configs/loadtest.yaml, or bench.quick.*, or the command line."""
 
-    users: list[int]
+    connections: list[int]
     repeats: int
     run_time_s: float
     warmup_s: float
     inprocess_s: float
     batch_sizes: list[int]
+    rates: list[float]  # paced (open-loop) arrival rates, requests/s
+    paced_connections: int  # connections wrk spreads a paced run over
 
     @classmethod
-    def of(cls, bench: DictConfig, quick: bool, users: list[int] | None, repeats: int | None, sweep: bool) -> "Plan":
+    def of(cls, bench: DictConfig, quick: bool, connections: list[int] | None, repeats: int | None, sweep: bool):
         chosen = {**bench, **(bench.quick if quick else {})}
         return cls(
-            users=list(users or chosen["users"]),
+            connections=list(connections or chosen["connections"]),
             repeats=repeats or chosen["repeats"],
             run_time_s=chosen["run_time_s"],
             warmup_s=chosen["warmup_s"],
             inprocess_s=chosen["inprocess_s"],
             batch_sizes=[] if sweep else list(bench.batch_sizes),
+            rates=[] if sweep else list(chosen["rates"]),
+            paced_connections=bench.paced_connections,
         )
 
 
@@ -55,7 +60,7 @@ def benchmark(
     quick: bool = False,
     sweep: bool = False,
     variants: list[str] | None = None,
-    users: list[int] | None = None,
+    connections: list[int] | None = None,
     repeats: int | None = None,
     fastapi: bool = True,
     retrain: bool = False,
@@ -65,26 +70,25 @@ def benchmark(
     """Measure and write <out>/README.md, results.json and a plot per model (with `sweep`: tuning.md, tuning.json
     for the first model's candidates). `overrides` are the Hydra overrides that made `cfg` (the heavy model's too)."""
     started = time.monotonic()
-    plan = Plan.of(cfg.bench, quick, users, repeats, sweep)
+    plan = Plan.of(cfg.bench, quick, connections, repeats, sweep)
     goals = OmegaConf.to_container(cfg.bench.goals, resolve=True)
     out, workdir = Path(out or cfg.bench.out), ROOT / cfg.bench.workdir
     default_threads = torch.get_num_threads()  # the stock server's: torch's default on this machine
     prepared = prepare(cfg, overrides, models[:1] if sweep else models, retrain)
     tuned_props = read_properties(CONFIG_PROPERTIES)
-    results = {"runs": [], "ready": [], "inprocess": [], "errors": []}
+    results = {"runs": [], "open": [], "ready": [], "inprocess": [], "errors": []}
     load_start = os.getloadavg()[0]
-    log(f"load average {load_start:.1f}; models {', '.join(m.name for m in prepared)}; users {plan.users}")
+    log(f"load average {load_start:.1f}; models {', '.join(m.name for m in prepared)}; connections {plan.connections}")
     tuned_config = {}
     for model in prepared:
         unpack_model(model, workdir / model.key / "unpacked")
         shipped = read_model_config(model.mar)
         tuned_config = tuned_config or shipped
         if sweep:
-            at = plan.users[0] if len(plan.users) == 1 else goals["users"]
-            servers = sweep_servers(model, shipped, workdir, at, variants)
+            servers = sweep_servers(model, shipped, workdir, plan.connections, variants)
         else:
             mwork = workdir / model.key
-            servers = comparison(model, shipped, mwork, plan.users, goals["users"], default_threads, fastapi)
+            servers = comparison(model, shipped, mwork, plan, goals["connections"], default_threads, fastapi)
         measure(model, servers, plan, workdir, results)
 
     loads = [r["load1"] for r in results["runs"]] or [load_start]
@@ -97,7 +101,7 @@ def benchmark(
         f"{platform.python_version()}",
         "torch": torch.__version__,
         "torchserve": version("torchserve"),
-        "locust": version("locust"),
+        "wrk": wrk.version(),
         "load_start": load_start,
         "load_end": os.getloadavg()[0],
         "load_median": statistics.median(loads),
@@ -109,7 +113,10 @@ def benchmark(
         ),
         "run_time_s": plan.run_time_s,
         "repeats": plan.repeats,
-        "users": plan.users,
+        "connections": plan.connections,
+        "rates": plan.rates,
+        "paced_connections": plan.paced_connections,
+        "cores": os.cpu_count(),
         "stock": f"one worker per core ({os.cpu_count()}), batchSize 1, maxBatchDelay 100, torch threads "
         f"{default_threads}, log metrics, system metrics, synchronous logging",
         "tuned": describe(tuned_config, tuned_props),
@@ -117,7 +124,7 @@ def benchmark(
     }
     if sweep:
         write_json(out / "tuning.json", results)
-        write_text(out / "tuning.md", sweep_report(results, prepared[0].key, servers[0].users[0]))
+        write_text(out / "tuning.md", sweep_report(results, prepared[0].key, plan.connections))
         log(f"wrote {out / 'tuning.md'}")
     else:
         labels = [s.label for s in servers]

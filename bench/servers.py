@@ -1,6 +1,7 @@
 """The servers the benchmark compares, and starting one: TorchServe with an archive variant and a
 config.properties, or the FastAPI peer over the same serving core."""
 
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,8 @@ class Server:
     """One way of serving a model: a TorchServe model store + properties, or (no store) the FastAPI peer."""
 
     label: str
-    users: list[int]
+    connections: list[int]
+    rates: list[float] = field(default_factory=list)  # paced runs after the closed-loop ones
     store: Path | None = None
     properties: Path | None = None
     extra: dict[str, str] = field(default_factory=dict)
@@ -55,17 +57,20 @@ def describe(model_config: dict, props: dict[str, str]) -> str:
 
 
 def comparison(
-    model: Model, shipped: dict, workdir: Path, users: list[int], goal_users: int, default_threads: int, fastapi: bool
+    model: Model, shipped: dict, workdir: Path, plan, goal_connections: int, default_threads: int, fastapi: bool
 ) -> list[Server]:
-    """stock, tuned (what ships), tuned with batch size 1 (at the goal's user counts), and FastAPI."""
+    """stock, tuned (what ships), tuned with batch size 1 (at the goal's connection count and above), FastAPI."""
     stock = variant(model, workdir, "stock", stock_model_config(shipped, default_threads))
     single = variant(model, workdir, "tuned_b1", {**shipped, "batchSize": 1})
+    conns, rates = plan.connections, plan.rates
     servers = [
-        Server("stock", users, stock, write_stock_properties(workdir / "stock.properties")),
-        Server("tuned", users, model.mar.parent, CONFIG_PROPERTIES),
-        Server("tuned, batch 1", [u for u in users if u >= goal_users] or users[-1:], single, CONFIG_PROPERTIES),
+        Server("stock", conns, rates, stock, write_stock_properties(workdir / "stock.properties")),
+        Server("tuned", conns, rates, model.mar.parent, CONFIG_PROPERTIES),
+        Server(
+            "tuned, batch 1", [c for c in conns if c >= goal_connections] or conns[-1:], [], single, CONFIG_PROPERTIES
+        ),
     ]
-    return [*servers, Server(FASTAPI, users)] if fastapi else servers
+    return [*servers, Server(FASTAPI, conns, rates)] if fastapi else servers
 
 
 def launch(process: FastAPIPeer | TorchServe, timeout: float) -> float:
@@ -84,7 +89,7 @@ def start(model: Model, server: Server, workdir: Path) -> Running:
     """Start `server` in a fresh `workdir`, ready to answer; the caller stops running.process."""
     if server.store is None:
         shutil.rmtree(workdir, ignore_errors=True)
-        peer = FastAPIPeer(model.mar, workdir)
+        peer = FastAPIPeer(model.mar, workdir, workers=os.cpu_count() or 1)
         return Running(peer.url(), peer.token, launch(peer, 120), peer)
     for attempt in range(3):  # a free port can be taken by another process before TorchServe binds it
         shutil.rmtree(workdir, ignore_errors=True)

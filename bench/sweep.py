@@ -1,6 +1,5 @@
 """`--sweep`: one shipped setting changed at a time (model-config.yaml or config.properties), and tuning.md."""
 
-import statistics
 from pathlib import Path
 
 from bench.models import BenchError, Model, merge, variant
@@ -49,45 +48,52 @@ QUIET_LOG4J = """<?xml version="1.0" encoding="UTF-8"?>
 """
 
 
-def sweep_servers(model: Model, shipped: dict, workdir: Path, users: int, labels: list[str] | None) -> list[Server]:
-    """The candidates named by `labels` (all when None), each at `users` Locust users."""
+def sweep_servers(
+    model: Model, shipped: dict, workdir: Path, connections: list[int], labels: list[str] | None
+) -> list[Server]:
+    """The candidates named by `labels` (all when None), each at `connections` connections."""
     chosen = [c for c in SWEEP if not labels or c[0] in labels]
     if not chosen:
         raise BenchError(f"no sweep variant among {labels}: use {[c[0] for c in SWEEP]}")
     write_text(workdir / "log4j2-quiet.xml", QUIET_LOG4J)
     return [
-        Server(label, [users], variant(model, workdir / model.key, label, merge(shipped, changes)), CONFIG_PROPERTIES,
+        Server(label, connections, [], variant(model, workdir / model.key, label, merge(shipped, changes)),
+               CONFIG_PROPERTIES,
                {k: v.format(workdir=workdir) for k, v in props.items()})
         for label, changes, props in chosen
     ]  # fmt: skip
 
 
-def sweep_report(results: dict, model: str, users: int) -> str:
+def sweep_report(results: dict, model: str, connections: list[int]) -> str:
+    """One row per candidate: req/s (and its ratio to shipped) and p50/p99 at every connection count."""
     medians = median_rows(results, model)
-    ready: dict[str, list[float]] = {}
-    for row in results["ready"]:
-        ready.setdefault(row["server"], []).append(row["s"])
-    base = medians.get(("shipped", users))
     lines = [
         "# Tuning sweep",
         "",
-        f"`python -m scripts.bench --sweep` on {results['meta']['date']}: {model}, {users} Locust users, "
+        f"`python -m scripts.bench --sweep` on {results['meta']['date']}: {model}, wrk at {connections} connections, "
         f"{results['meta']['repeats']} interleaved repeats (medians), the same load generator settings as the "
         f"benchmark. Each row changes one setting of the shipped configuration ({results['meta']['tuned']}). "
         f"Load average (1 min) median {results['meta']['load_median']:.1f}. {results['meta']['note']}",
         "",
-        "| variant | req/s | vs shipped | p50 ms | p99 ms | server CPU ms/request | failures | READY s |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "Each cell: req/s (× shipped) · p50 / p99 ms; last column: server CPU ms per request at the most connections.",
+        "",
+        "| variant | " + " | ".join(f"{c} conn." for c in connections) + " | CPU ms/req | errors |",
+        "| --- |" + " ---: |" * (len(connections) + 2),
     ]
     for label, _, _ in SWEEP:
-        m = medians.get((label, users))
-        if m:
-            rel = f"{m['rps'] / base['rps']:.2f}×" if base and base["rps"] else ""
-            r = f"{statistics.median(ready[label]):.1f}" if label in ready else ""
-            lines.append(
-                f"| {label} | {m['rps']:.0f} | {rel} | {m['p50_ms']:.1f} | {m['p99_ms']:.1f} | {m['cpu_ms']:.2f} "
-                f"| {m['failures']} | {r} |"
-            )
+        cells, failures = [], 0
+        for c in connections:
+            m, base = medians.get((label, c)), medians.get(("shipped", c))
+            if not m:
+                cells.append("")
+                continue
+            rel = f" ({m['rps'] / base['rps']:.2f}×)" if base and base["rps"] and label != "shipped" else ""
+            cells.append(f"{m['rps']:.0f}{rel} · {m['p50_ms']:.1f} / {m['p99_ms']:.1f}")
+            failures += m["failures"]
+        last = medians.get((label, connections[-1]))
+        if any(cells):
+            cpu = f"{last['cpu_ms']:.2f}" if last else ""
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {cpu} | {failures} |")
     if results["errors"]:
         lines += ["", "Errors:", "", *[f"- {e}" for e in results["errors"]]]
     return "\n".join(lines) + "\n"

@@ -1,22 +1,24 @@
 """Benchmark the serving stack on this machine and write reports/benchmark/ (README.md, results.json, PNG plots).
 
-    python -m scripts.bench                  # make bench: both models, 1/8/32/64 users, 3 repeats (~20 min)
-    python -m scripts.bench --quick          # 1 and 32 users, one repeat (~6 min)
-    python -m scripts.bench --models digits --users 32 --repeats 2
-    python -m scripts.bench --sweep          # tuning candidates on the digits model at 32 users (tuning.md)
+    python -m scripts.bench                  # make bench: both models, 1/4/16/64/128 connections, paced 200/1000 req/s
+    python -m scripts.bench --quick          # 1, 4 and 64 connections, paced 500 req/s, shorter runs
+    python -m scripts.bench --models digits --connections 1 64 --repeats 2
+    python -m scripts.bench --sweep --models digits --connections 1 4 64   # tuning candidates (tuning.md)
 
 For each model, from the same archive: the in-process limit (serving core: decode, TorchScript
 forward, answer JSON; no HTTP) at batch sizes 1/8/32; TorchServe with stock settings (its defaults:
 one worker per core, batch size 1, torch's default threads, default logging and metrics; only the
 loopback addresses and the model store set); TorchServe as shipped (config.properties + `serve:`);
-the shipped settings with batch size 1; a plain single-process FastAPI app over the same serving
-core (servers/fastapi.py). Load: one headless Locust process on this machine, identical for every
-server: raw PNG test-set images, closed loop without waits, all users spawned at once, statistics
-reset once they are. Each point is the median over the repeats, which run interleaved (repeat 1 of
-every server, then repeat 2, ...). The models: the default config's model_store/<name>.mar (`make
+the shipped settings with batch size 1; a plain FastAPI app over the same serving core, one uvicorn
+worker per core (servers/fastapi.py). Load: `wrk` (Debian's, installed through common/apt.py when
+missing), identical for every server: raw PNG test-set images on keep-alive connections, closed
+loop at each connection count, then paced (open loop) at fixed arrival rates; wrk's own CPU share
+is reported. Each point is the median over the repeats, which run interleaved (repeat 1 of every
+server, then repeat 2, ...). The models: the default config's model_store/<name>.mar (`make
 pipeline`) and ResNet-18 (bench.heavy in configs/loadtest.yaml; trained once for one epoch into
 logs/bench/, its archive rebuilt from the current handlers and `serve:` section on every run). The
 report's goals are bench.goals in configs/loadtest.yaml; README "Performance" explains the results.
+Locust stays for the scenario load test (`make loadtest`).
 """
 
 import argparse
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep", action="store_true", help="tuning candidates on the first model, writes tuning.md")
     parser.add_argument("--variants", nargs="+", help="with --sweep: only these candidates (labels in bench/sweep.py)")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    parser.add_argument("--users", nargs="+", type=int, help="Locust user counts (default bench.users)")
+    parser.add_argument("--connections", nargs="+", type=int, help="wrk connection counts (default bench.connections)")
     parser.add_argument("--repeats", type=int, help="measurements per point (default bench.repeats)")
     parser.add_argument("--no-fastapi", action="store_true", help="leave out the FastAPI comparison")
     parser.add_argument("--retrain", action="store_true", help="train the heavy model again")
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     with one_line_errors():
         cfg = load_config(args.overrides, config_name="loadtest")
         benchmark(
-            cfg, args.overrides, args.models, args.quick, args.sweep, args.variants, args.users, args.repeats,
+            cfg, args.overrides, args.models, args.quick, args.sweep, args.variants, args.connections, args.repeats,
             fastapi=not args.no_fastapi, retrain=args.retrain, out=args.out,
             command=" ".join(sys.argv[1:] if argv is None else argv),
         )  # fmt: skip

@@ -1,4 +1,5 @@
-"""A plain single-process FastAPI app over the serving core (handlers.classifier): the benchmark's peer.
+"""A plain FastAPI app over the serving core (handlers.classifier): the benchmark's peer, one uvicorn process
+per core there (`workers`).
 
 It answers POST /predictions/<model> like TorchServe does (same classifier, same JSON, a bearer token,
 one request per forward pass) and GET /ping. `FastAPIPeer` runs it under uvicorn as a child process.
@@ -67,10 +68,11 @@ class FastAPIPeer(Process):
 
     name = "the FastAPI app"
 
-    def __init__(self, mar: Path | str, workdir: Path | str) -> None:
+    def __init__(self, mar: Path | str, workdir: Path | str, workers: int = 1) -> None:
         self.mar, self.workdir = Path(mar).resolve(), Path(workdir).resolve()
         self.port, self.token = free_port(), secrets.token_hex(8)
         cmd = [sys.executable, "-m", "uvicorn", f"{__name__}:app", "--factory", "--host", "127.0.0.1"]
+        cmd += ["--workers", str(workers)] if workers > 1 else []  # uvicorn's processes share the port
         env = dict(os.environ, **{MAR: str(self.mar), MODEL_DIR: str(self.workdir / "model"), TOKEN: self.token})
         super().__init__([*cmd, "--port", str(self.port)], self.workdir / "uvicorn.log", ROOT, env)
 
