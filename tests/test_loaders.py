@@ -1,10 +1,8 @@
 """`make loaders` on a tiny folder: every setting measured, the report written."""
 
 import json
-import subprocess
-import sys
 
-from common.config import ROOT
+from scripts.loaders import main
 from training.loaders import make_folder, settings
 
 
@@ -12,14 +10,7 @@ def test_loader_benchmark_on_a_tiny_folder(tmp_path):
     folder = make_folder(tmp_path / "imgs", count=12, size=40, classes=2)
     out = tmp_path / "report"
     args = ["--folder", str(folder), "--workers", "0", "1", "--batches", "3", "--repeats", "2", "--out", str(out)]
-    run = subprocess.run(
-        [sys.executable, "-m", "scripts.loaders", *args, "data.batch_size=4", "data.image_size=16"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
+    main([*args, "data.batch_size=4", "data.image_size=16"])
     report = json.loads((out / "loaders.json").read_text())
     assert [(r["workers"], r["persistent"]) for r in report["results"]] == [(0, False), (1, False), (1, True)]
     assert all(len(r["seconds"]) == 2 and min(r["seconds"]) > 0 for r in report["results"])
