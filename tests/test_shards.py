@@ -9,7 +9,7 @@ from PIL import Image
 
 from common.config import load_config
 from training import shards
-from training.data import ImageDataModule, load_split, make_dataset, read_meta
+from training.data import DataError, ImageDataModule, load_split, make_dataset, read_meta
 from training.memory import measure
 
 
@@ -120,3 +120,9 @@ def test_a_folder_larger_than_the_memory_budget_is_sharded_without_loading_it_wh
     out, peak = measure(make_dataset, cfg)
     assert sum(read_meta(out)["counts"].values()) == count
     assert peak < budget_mib, f"preparing the shards added {peak:.1f} MiB"
+
+
+def test_an_unknown_format_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="unknown data.format 'parquet': npz or shards"):
+        make_dataset(load_config([f"paths.data={tmp_path}/x", "data.format=parquet"]))
+    assert not (tmp_path / "x").exists()
