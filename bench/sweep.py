@@ -19,6 +19,7 @@ SWEEP: list[tuple[str, dict, dict]] = [
     ("delay 1 ms", {"maxBatchDelay": 1}, {}),
     ("delay 10 ms", {"maxBatchDelay": 10}, {}),
     ("2 workers", {"minWorkers": 2, "maxWorkers": 2}, {}),
+    ("delay 1 ms, 2 workers", {"maxBatchDelay": 1, "minWorkers": 2, "maxWorkers": 2}, {}),
     ("torch threads 2", {"handler": {"threads": 2}}, {}),
     ("synchronous logging", {}, {"async_logging": "false"}),
     ("netty threads 1+1", {}, {"number_of_netty_threads": "1", "netty_client_threads": "1"}),
