@@ -126,3 +126,16 @@ def test_an_unknown_format_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match="unknown data.format 'parquet': npz or shards"):
         make_dataset(load_config([f"paths.data={tmp_path}/x", "data.format=parquet"]))
     assert not (tmp_path / "x").exists()
+
+
+def test_under_ddp_each_rank_streams_an_equal_share_drawn_from_the_shards(tmp_path):
+    """world > 1: shards drawn at random per rank and worker, cut at count / world, so every rank runs the same
+    number of steps (here one process stands for rank 0 of 2)."""
+    numbered_folder(tmp_path / "imgs", 60)
+    overrides = ["data=folder", f"data.root={tmp_path}/imgs", "data.image_size=24", "data.shard_size=7"]
+    out = make_dataset(load_config([*overrides, f"paths.data={tmp_path}/d"]))
+    meta = read_meta(out)
+    share = list(shards.stream(str(out), meta["shards"]["train"], meta["counts"]["train"], shuffle=10, world=2))
+    assert len(share) == 21  # 42 / 2
+    train = set(rows(*load_split(out, "train")))
+    assert set(rows(torch.stack([x for x, _ in share]), torch.tensor([y for _, y in share]))) <= train

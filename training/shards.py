@@ -115,7 +115,7 @@ def stream(
     if world > 1 and shuffle:
         per_worker = math.ceil(count / world / max(1, workers))
         ds = wds.WebDataset(urls(data_dir, shards), resampled=True, nodesplitter=every_node, empty_check=False)
-        ds = ds.shuffle(shuffle).with_epoch(per_worker)
+        ds = ds.compose(wds.detshuffle(shuffle, seed=seed)).with_epoch(per_worker)
     else:
         ds = wds.WebDataset(
             urls(data_dir, shards),
