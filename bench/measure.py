@@ -6,6 +6,7 @@ import json
 import os
 import random
 import time
+import urllib.error
 import urllib.request
 
 import numpy as np
@@ -87,9 +88,17 @@ def drain(model: Model, running: Running, timeout: float = 300) -> None:
     requests whose clients are gone, and the next measurement must not queue behind them."""
     headers = {"Content-Type": "image/png", "Authorization": f"Bearer {running.token}"}
     url = f"{running.host}/predictions/{model.name}"
-    request = urllib.request.Request(url, data=model.images[0], headers=headers)
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        response.read()
+    deadline = time.monotonic() + timeout
+    while True:  # a full queue answers 503 until it has room again
+        request = urllib.request.Request(url, data=model.images[0], headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                response.read()
+                return
+        except urllib.error.HTTPError as err:
+            if err.code != 503 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def load(model: Model, running: Running, connections: int, seconds: float, rate: float = 0) -> dict:
