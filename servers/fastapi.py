@@ -8,6 +8,7 @@ one request per forward pass) and GET /ping. `FastAPIPeer` runs it under uvicorn
 import json
 import os
 import secrets
+import socket
 import sys
 import urllib.error
 import urllib.request
@@ -30,10 +31,25 @@ def load_classifier(mar: Path | str, model_dir: Path | str) -> ImageClassifier:
     return ImageClassifier.from_dir(model_dir, settings, name, version, model["serializedFile"])
 
 
+def tcp_nodelay_everywhere() -> None:
+    """uvicorn --workers binds its socket itself with protocol number 0, and asyncio sets TCP_NODELAY only on
+    sockets whose protocol is TCP: every answer then waited ~40 ms for a delayed ACK (p50 52 ms at one
+    connection vs 2.9 ms with one process). Set it on every TCP stream, as a single uvicorn process has it."""
+    import asyncio.base_events
+
+    def nodelay(sock: socket.socket) -> None:
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    asyncio.base_events._set_nodelay = nodelay
+
+
 def app():
     """The app (uvicorn --factory): the classifier of $FASTAPI_MAR, unpacked in $FASTAPI_MODEL_DIR."""
     import torch
     from fastapi import FastAPI, Request, Response
+
+    tcp_nodelay_everywhere()
 
     classifier = load_classifier(os.environ[MAR], os.environ[MODEL_DIR])
     torch.set_num_threads(classifier.settings.threads)  # as the TorchServe handler does

@@ -33,3 +33,20 @@ def test_wrk_paced_run_sends_and_answers(server, cfg, bodies):
     url = f"{server.url('inference')}/predictions/{cfg.name}"
     r = wrk.run(url, server.headers(), bodies, connections=8, seconds=2, rate=40)
     assert r["requests"] > 0 and r["errors"] == 0 and r["rate"] == 40, r
+
+
+def test_the_fastapi_peer_sets_tcp_nodelay_on_sockets_uvicorn_workers_bind(monkeypatch):
+    """uvicorn --workers binds with protocol 0, which asyncio skips when it sets TCP_NODELAY (a 40 ms
+    delayed-ACK stall per answer): the peer's patch sets it on such a socket too."""
+    import asyncio.base_events
+    import socket
+
+    from servers.fastapi import tcp_nodelay_everywhere
+
+    monkeypatch.setattr(asyncio.base_events, "_set_nodelay", asyncio.base_events._set_nodelay)  # restored after
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # protocol 0, as uvicorn's bind_socket
+        asyncio.base_events._set_nodelay(sock)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0  # asyncio alone leaves it off
+        tcp_nodelay_everywhere()
+        asyncio.base_events._set_nodelay(sock)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
