@@ -58,6 +58,10 @@ container: $(STAMP) pipeline  ## build the serving image <name>:<version> (docke
 container-test: $(STAMP)  ## build and run the image for real: tests/test_container.py alone
 	$(PY) -m pytest tests/test_container.py $(ARGS)
 
+.PHONY: variants
+variants: $(STAMP) pipeline  ## export every model variant, measure each -> reports/variants/<name>/ (ARGS=--photos: ResNet-18)
+	$(PY) -m scripts.variants $(ARGS)
+
 .PHONY: loadtest bench
 loadtest: $(STAMP) pipeline  ## Locust load test with SLO checks, configs/loadtest.yaml (ARGS='--users 32 --run-time 60')
 	$(PY) -m scripts.loadtest $(ARGS)

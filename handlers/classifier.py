@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from handlers import files
+from handlers import files, runtime
 from handlers.decode import InputError, decode_request
 from handlers.drift import DriftMonitor, Reference, features
 
@@ -74,25 +74,13 @@ class Batch:
     top: list[tuple[str, float]] = field(default_factory=list)  # (label, probability) per answered image
 
 
-def optimized(model: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
-    """On a CPU, the graph frozen for inference (weights as constants, BatchNorm folded into the convolutions,
-    oneDNN kernels): `make profile` showed the forward as the worker's largest cost of our own, and this answers
-    13 % more images/s at batch 8 and 32 (0.09 ms slower at batch 1). Done at load, so the file itself stays
-    free of device-bound constants."""
-    try:
-        return torch.jit.optimize_for_inference(torch.jit.freeze(model))
-    except RuntimeError as err:  # a graph freezing cannot handle still serves, unfrozen
-        log.warning("serving the model unfrozen: %s", str(err).splitlines()[0] if str(err) else err)
-        return model
-
-
 def labels_in(model_dir: Path) -> list[str]:
     index = json.loads((model_dir / files.LABELS).read_text())
     return [index[str(i)] for i in range(len(index))]
 
 
 class ImageClassifier:
-    """Loads the TorchScript model once; answers batches of requests."""
+    """Loads the exported model once (any variant: handlers/runtime.py); answers batches of requests."""
 
     def __init__(
         self,
@@ -106,10 +94,7 @@ class ImageClassifier:
     ) -> None:
         self.settings, self.labels, self.name, self.version = settings, labels, name, version
         self.lineage = lineage or {"status": f"no {files.LINEAGE} in the archive"}  # run, data hash, git commit
-        self.device = torch.device(settings.device)
-        self.model = torch.jit.load(str(model_path), map_location=self.device).eval()
-        if self.device.type == "cpu":
-            self.model = optimized(self.model)
+        self.model = runtime.load(model_path, settings.device)
         self.top_k = max(1, min(settings.top_k, len(labels)))
         drift = settings.drift
         self.drift = DriftMonitor(reference, drift["window"], drift["min_samples"]) if reference else None
@@ -163,8 +148,7 @@ class ImageClassifier:
             by_size.setdefault(tuple(img.shape), []).append(i)
         with torch.inference_mode():
             for idx in by_size.values():
-                batch = torch.stack([images[i] for i in idx]).to(self.device)
-                probs[idx] = self.model(batch).float().cpu()
+                probs[idx] = self.model(torch.stack([images[i] for i in idx])).float().cpu()
         return probs
 
     def track(self, images: list[torch.Tensor], probs: torch.Tensor) -> None:

@@ -25,11 +25,12 @@ def test_mar_holds_model_handler_labels_and_config(cfg, mar, model_dir):
     assert manifest["model"]["modelName"] == cfg.name
     assert manifest["model"]["modelVersion"] == str(cfg.version)
     assert manifest["model"]["handler"] == "handler.py"
-    assert manifest["model"]["serializedFile"] == files.MODEL
+    shipped = files.VARIANTS[cfg.export.variant]
+    assert manifest["model"]["serializedFile"] == shipped
     assert manifest["model"]["configFile"] == files.MODEL_CONFIG
     packed = {"handlers/__init__.py", "handlers/classifier.py", "handlers/decode.py", "handlers/drift.py"}
     assert packed <= {str(path) for path in handler_files()}
-    for name in (files.MODEL, HANDLER.name, files.LABELS, files.REFERENCE, *packed):
+    for name in (shipped, HANDLER.name, files.LABELS, files.REFERENCE, *packed):
         assert (model_dir / name).is_file(), name
     config = read_model_config(mar)
     assert config == model_config(cfg)
@@ -39,15 +40,19 @@ def test_mar_holds_model_handler_labels_and_config(cfg, mar, model_dir):
 
 def test_check_rejects_a_wrong_archive(cfg, mar):
     with pytest.raises(ArchiveError, match="manifest names"):
-        check(mar, "other", "9", set())
+        check(mar, "other", "9", files.VARIANTS[cfg.export.variant], set())
+    with pytest.raises(ArchiveError, match="manifest handler/model"):
+        check(mar, cfg.name, str(cfg.version), "other.pt", set())
     with pytest.raises(ArchiveError, match="missing files"):
-        check(mar, cfg.name, str(cfg.version), {"extra.bin"})
+        check(mar, cfg.name, str(cfg.version), files.VARIANTS[cfg.export.variant], {"extra.bin"})
 
 
 def test_archive_without_export_fails_before_writing(tmp_path):
     cfg = load_config([f"paths.artifacts={tmp_path}/none", f"paths.model_store={tmp_path}/store"])
-    with pytest.raises(ArchiveError, match="run `python -m training.export` first"):
+    with pytest.raises(ArchiveError, match="run `python -m training.export export.variant=.*` first"):
         archive(cfg)
+    with pytest.raises(ArchiveError, match="unknown export.variant 'tensorrt'"):
+        archive(OmegaConf.merge(cfg, {"export": {"variant": "tensorrt"}}))
     assert not (tmp_path / "store").exists()
 
 

@@ -5,12 +5,15 @@ import pytest
 import torch
 
 from handlers import files
-from training.export import ExportError, as_rgb, inference_module, tensor_constants, trace, verify
+from training import variants
+from training.export import ExportError, export, inference_module
 from training.model import Classifier
 from training.train import CHECKPOINT
+from training.variants import VariantError, as_rgb, check_fp32, tensor_constants, trace
 
 
 def test_export_writes_a_verified_portable_graph(cfg, model_file, eager, test_split):
+    assert model_file.name == files.MODEL
     scripted = torch.jit.load(str(model_file))
     assert tensor_constants(scripted) == []
     images, _ = test_split
@@ -21,6 +24,7 @@ def test_export_writes_a_verified_portable_graph(cfg, model_file, eager, test_sp
         assert torch.allclose(got.sum(1), torch.ones(len(batch)), atol=1e-5)
     labels = json.loads((model_file.parent / files.LABELS).read_text())
     assert labels == {str(i): str(i) for i in range(10)}
+    assert (model_file.parent / files.VARIANTS[cfg.export.variant]).is_file()  # what the archive ships
 
 
 def test_graph_handles_any_input_size(model_file, eager, test_split):
@@ -31,14 +35,24 @@ def test_graph_handles_any_input_size(model_file, eager, test_split):
         assert torch.allclose(scripted(resized), eager(resized), atol=1e-5)
 
 
-def test_verify_fails_when_graph_and_eager_disagree(cfg, eager, test_split, metrics):
+def test_check_fails_when_graph_and_eager_disagree(cfg, eager, test_split, metrics):
     scripted = trace(eager, test_split[0])
     other = Classifier.load_from_checkpoint(Path(cfg.paths.artifacts) / CHECKPOINT, map_location="cpu")
     with torch.no_grad():
         for p in other.backbone.parameters():
             p.add_(torch.randn_like(p) * 0.5)
-    with pytest.raises(ExportError, match="differs from eager"):
-        verify(scripted, inference_module(other), test_split[0])
+    with pytest.raises(VariantError, match="differs from eager"):
+        check_fp32(scripted, inference_module(other), test_split[0])
+
+
+def test_an_unknown_variant_fails_before_writing(cfg, metrics, tmp_path):
+    from omegaconf import OmegaConf
+
+    bad = OmegaConf.merge(cfg, {"export": {"variant": "tensorrt"}, "paths": {"artifacts": str(tmp_path)}})
+    (tmp_path / CHECKPOINT).symlink_to(Path(cfg.paths.artifacts) / CHECKPOINT)
+    with pytest.raises(ExportError, match="unknown export.variant 'tensorrt'"):
+        export(bad)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT]
 
 
 def test_tensor_constants_are_detected():
@@ -55,4 +69,4 @@ def test_resnet18_exports_and_verifies(new_classifier, test_split):
     images = test_split[0][:32]
     scripted = trace(eager, images)
     assert tensor_constants(scripted) == []
-    assert verify(scripted, eager, images) <= 1e-5
+    assert check_fp32(scripted, eager, images).max_abs_diff <= variants.FP32_TOLERANCE

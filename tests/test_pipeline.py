@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from common.config import ROOT, load_config
+from handlers import files
 from training.archive import read_manifest
 from training.pipeline import COMMANDS, stages
 
@@ -22,7 +23,9 @@ def test_dvc_yaml_paths_follow_the_default_config():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert stages["data"]["outs"] == [cfg.paths.data]
     assert f"{cfg.paths.artifacts}/model.ckpt" in stages["train"]["outs"]
-    assert f"{cfg.paths.artifacts}/model.pt" in stages["export"]["outs"]
+    shipped = f"{cfg.paths.artifacts}/{files.VARIANTS[cfg.export.variant]}"
+    assert {f"{cfg.paths.artifacts}/{files.MODEL}", shipped} <= set(stages["export"]["outs"])
+    assert shipped in stages["archive"]["deps"]
     assert stages["archive"]["outs"] == [f"{cfg.paths.model_store}/{cfg.name}.mar"]
     for stage in stages.values():
         for dep in stage["deps"]:

@@ -1,6 +1,6 @@
 """Pack the exported model into <model_store>/<name>.mar, and read archives back.
 
-The archive holds the TorchScript model (with its preprocessing), handler.py at its root (what
+The archive holds the model file of `export.variant` (with its preprocessing), handler.py at its root (what
 TorchServe loads) with the `handlers/` package it imports, the label map, the drift reference,
 the lineage (training run, data hash, git commit) and a model-config.yaml built from the `serve:` config
 section. It refuses a model whose run it cannot identify unless `archive.require_lineage=false`.
@@ -75,14 +75,14 @@ def handler_files() -> list[Path]:
     return sorted(p.relative_to(ROOT) for p in HANDLERS.glob("*.py"))
 
 
-def check(mar: Path, name: str, version: str, expected: set[str]) -> dict:
+def check(mar: Path, name: str, version: str, model_file: str, expected: set[str]) -> dict:
     """The archive's manifest names this model and its handler; every expected file is inside."""
     manifest = read_manifest(mar)
     model = manifest.get("model", {})
     problems = []
     if (model.get("modelName"), model.get("modelVersion")) != (name, version):
         problems.append(f"manifest names {model.get('modelName')} {model.get('modelVersion')}")
-    if model.get("handler") != HANDLER.name or model.get("serializedFile") != files.MODEL:
+    if model.get("handler") != HANDLER.name or model.get("serializedFile") != model_file:
         problems.append(f"manifest handler/model {model.get('handler')}/{model.get('serializedFile')}")
     with zipfile.ZipFile(mar) as z:
         missing = expected - set(z.namelist())
@@ -96,10 +96,13 @@ def check(mar: Path, name: str, version: str, expected: set[str]) -> dict:
 def archive(cfg: DictConfig) -> Path:
     """Build the archive in a temporary folder, check it, then replace the old one."""
     artifacts = Path(cfg.paths.artifacts)
-    model, labels, reference = (artifacts / f for f in (files.MODEL, files.LABELS, files.REFERENCE))
+    variant = cfg.export.variant
+    if variant not in files.VARIANTS:
+        raise ArchiveError(f"unknown export.variant {variant!r}: one of {', '.join(files.VARIANTS)}")
+    model, labels, reference = (artifacts / f for f in (files.VARIANTS[variant], files.LABELS, files.REFERENCE))
     for path in (model, labels, reference):
         if not path.is_file():
-            raise ArchiveError(f"{path} not found: run `python -m training.export` first")
+            raise ArchiveError(f"{path} not found: run `python -m training.export export.variant={variant}` first")
     record = lineage.read(artifacts)
     if found := lineage.problems(record):
         if cfg.archive.require_lineage:  # configs/config.yaml
@@ -134,9 +137,9 @@ def archive(cfg: DictConfig) -> Path:
         if run.returncode != 0:
             raise ArchiveError(f"torch-model-archiver failed: {run.stderr.strip().splitlines()[-1:]}")
         built = Path(tmp) / f"{cfg.name}.mar"
-        expected = {files.MODEL, HANDLER.name, labels.name, reference.name, files.LINEAGE, config.name}
+        expected = {model.name, HANDLER.name, labels.name, reference.name, files.LINEAGE, config.name}
         expected |= set(map(str, handler_files()))
-        check(built, cfg.name, str(cfg.version), expected)
+        check(built, cfg.name, str(cfg.version), model.name, expected)
         with atomic_path(target) as out:
             shutil.copyfile(built, out)
     with zipfile.ZipFile(target) as z:

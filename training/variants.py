@@ -1,0 +1,260 @@
+"""Export variants of one trained model, each checked against the eager model before it is written.
+
+Every variant holds the whole inference graph (Kornia preprocessing + backbone + softmax) and takes
+uint8 RGB images [B, 3, H, W] of any batch size and image size; handlers/files.py names their files and
+handlers/runtime.py loads them. A variant is written only after the file itself, loaded back, passes:
+- fp32 variants: within FP32_TOLERANCE of eager and the same argmax, at several batch and image sizes;
+- int8: top-1 agreement with eager >= INT8_AGREEMENT and test accuracy within INT8_ACCURACY_DROP of eager's.
+"""
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from common.cli import BundleError
+from common.io import atomic_path
+from handlers import files, runtime
+
+log = logging.getLogger(__name__)
+
+FP32_TOLERANCE = 1e-4
+INT8_AGREEMENT = 0.99
+INT8_ACCURACY_DROP = 0.005  # half a point of test accuracy
+BATCH_SIZES = (1, 7, 32)
+CALIBRATION_IMAGES = 256  # training images the int8 observers see
+MAX_SIDE = 4096  # the largest image side the compiled variants accept (the handler caps pixels before this)
+
+
+class VariantError(BundleError):
+    """A variant does not reproduce the eager model within its limits: it is refused, not written."""
+
+
+@dataclass
+class Check:
+    """How a written variant compares with the eager model."""
+
+    max_abs_diff: float = 0.0
+    agreement: float = 1.0  # top-1 agreement with eager on the test images
+    accuracy: float | None = None  # test accuracy of the variant
+    eager_accuracy: float | None = None
+    shapes: list[tuple] = field(default_factory=list)
+
+
+def as_rgb(images: Tensor) -> Tensor:
+    """The handler always hands the graph 3-channel RGB; gray images become three equal channels."""
+    return images.expand(-1, 3, -1, -1).contiguous() if images.shape[1] == 1 else images
+
+
+def upscaled(images: Tensor, factor: int) -> Tensor:
+    return images.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
+
+
+def cases(images: Tensor) -> list[Tensor]:
+    """Batch sizes 1, 7 and 32 at the stored size, an odd-sized larger upload, and a batch of 2 at 3x."""
+    rgb = as_rgb(images)
+    odd = upscaled(rgb[:7], 4)[:, :, 1:, 3:]  # sizes that divide by nothing the model uses
+    return [*(rgb[:n] for n in BATCH_SIZES), odd, upscaled(rgb[:2], 3)]
+
+
+# -- builders: eager module + example images -> a file at `path` -----------------------------------------------
+
+
+def trace(module: nn.Module, images: Tensor) -> torch.jit.ScriptModule:
+    """Trace at a size the model does not use, so no input-size shortcut is baked into the graph."""
+    with torch.no_grad():
+        return torch.jit.trace(module, upscaled(as_rgb(images[:2]), 3))
+
+
+def tensor_constants(scripted: torch.jit.ScriptModule) -> list[str]:
+    """Non-scalar tensors baked into the graph: they stay on the device the trace ran on.
+
+    0-dim constants (e.g. the 255 in x / 255) are fine: PyTorch mixes CPU scalars with any device.
+    """
+    return [
+        str(node).strip()
+        for node in scripted.inlined_graph.nodes()
+        if node.kind() == "prim::Constant" and node.output().type().kind() == "TensorType" and node.t("value").dim() > 0
+    ]
+
+
+def build_torchscript(eager: nn.Module, images: Tensor, path: Path) -> None:
+    scripted = trace(eager, images)
+    if constants := tensor_constants(scripted):
+        raise VariantError(f"graph holds device-bound tensor constants: {constants[:3]}")
+    torch.jit.save(scripted, str(path))
+
+
+def build_frozen(eager: nn.Module, images: Tensor, path: Path) -> None:
+    """Weights folded in as constants and BatchNorm into the convolutions; the file says it is frozen, so the
+    runtime lays the weights out for oneDNN at load (those layouts cannot be saved)."""
+    frozen = torch.jit.freeze(trace(eager, images).eval())
+    torch.jit.save(frozen, str(path), _extra_files={runtime.KIND: runtime.FROZEN})
+
+
+def dynamic_shapes() -> dict:
+    """Any batch size and image size: clients send what they have."""
+    side = {"min": 8, "max": MAX_SIDE}
+    dims = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("h", **side), torch.export.Dim("w", **side)
+    return {"input": {0: dims[0], 2: dims[1], 3: dims[2]}}
+
+
+@contextlib.contextmanager
+def inductor_for_any_size() -> Iterator[None]:
+    """Compile with freezing (constant weights: what int8 fusion needs), adaptive average pooling left to ATen.
+
+    Kornia's "area" resize is adaptive average pooling. Inductor's decomposition and lowering of it fix
+    the image size the graph was compiled at, and AOTInductor does not check that at run time: every
+    other size got wrong answers (errors up to 1.0 in probability, torch 2.14). ATen's kernel takes any size.
+    """
+    from torch._inductor import config, decomposition, lowering
+
+    pool = torch.ops.aten._adaptive_avg_pool2d
+    ops = (pool, pool.default)
+    lowered = {op: lowering.lowerings.get(op) for op in ops}
+    decomposed = {op: decomposition.decompositions.pop(op) for op in ops if op in decomposition.decompositions}
+    try:
+        for op in ops:
+            lowering.lowerings[op] = lowering.fallback_adaptive_avg_pool2d
+        with config.patch(freezing=True), torch.no_grad():
+            yield
+    finally:
+        decomposition.decompositions.update(decomposed)
+        for op, lower in lowered.items():
+            if lower is None:
+                lowering.lowerings.pop(op, None)
+            else:
+                lowering.lowerings[op] = lower
+
+
+def compile_package(module: nn.Module, images: Tensor, path: Path) -> None:
+    """torch.export with dynamic batch and image size, AOTInductor-compiled into a .pt2 package."""
+    from torch._inductor import aoti_compile_and_package
+
+    with inductor_for_any_size():
+        program = torch.export.export(module, (upscaled(as_rgb(images[:2]), 3),), dynamic_shapes=dynamic_shapes())
+        aoti_compile_and_package(program, package_path=str(path))
+
+
+def build_aoti(eager: nn.Module, images: Tensor, path: Path) -> None:
+    compile_package(eager, images, path)
+
+
+def unshare_modules(graph: torch.fx.GraphModule) -> None:
+    """torchvision's ResNet blocks call one ReLU module twice; the x86 quantizer groups nodes by module and
+    refuses a group with two outputs. A stateless module's calls are independent: name each call apart."""
+    for node in graph.graph.nodes:
+        if stack := node.meta.get("nn_module_stack"):
+            key, (fqn, kind) = list(stack.items())[-1]
+            if "ReLU" in str(kind):
+                stack[key] = (f"{fqn}.{node.name}", kind)
+
+
+def build_int8(eager: nn.Module, images: Tensor, path: Path, calibration: Tensor) -> None:
+    """Static post-training int8 (torchao PT2E, x86 Inductor quantizer: oneDNN int8 convolutions and linears),
+    observers calibrated on training images, then compiled like `aoti`."""
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86  # also registers Inductor's int8 fusions
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    example = (upscaled(as_rgb(images[:2]), 3),)
+    with inductor_for_any_size():
+        graph = torch.export.export(eager, example, dynamic_shapes=dynamic_shapes()).module()
+        unshare_modules(graph)
+        quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
+        prepared = prepare_pt2e(graph, quantizer)
+        for batch in as_rgb(calibration).split(32):
+            prepared(batch)
+        quantized = convert_pt2e(prepared)
+    compile_package(quantized, images, path)
+
+
+def build_onnx(eager: nn.Module, images: Tensor, path: Path) -> None:
+    example = (upscaled(as_rgb(images[:2]), 3),)
+    with torch.no_grad():
+        program = torch.onnx.export(eager, example, dynamo=True, dynamic_shapes=dynamic_shapes(), verbose=False)
+    program.save(str(path))
+
+
+# -- checks ------------------------------------------------------------------------------------------------------
+
+
+def run(model: Callable[[Tensor], Tensor], images: Tensor, batch: int = 256) -> Tensor:
+    with torch.inference_mode():
+        return torch.cat([model(chunk) for chunk in images.split(batch)])
+
+
+def check_fp32(model: Callable[[Tensor], Tensor], eager: nn.Module, images: Tensor) -> Check:
+    check = Check()
+    for batch in cases(images):
+        got, want = run(model, batch), run(eager, batch)
+        diff = (got - want).abs().max().item()
+        if diff > FP32_TOLERANCE or not torch.equal(got.argmax(1), want.argmax(1)):
+            raise VariantError(
+                f"differs from eager on input {tuple(batch.shape)}: max abs diff {diff:.1e} "
+                f"(limit {FP32_TOLERANCE:.0e}) or a different argmax"
+            )
+        check.max_abs_diff = max(check.max_abs_diff, diff)
+        check.shapes.append(tuple(batch.shape))
+    return check
+
+
+def check_int8(model: Callable[[Tensor], Tensor], eager: nn.Module, images: Tensor, labels: Tensor) -> Check:
+    """Accuracy on the test images; agreement with eager on them and on every shape of `cases`."""
+    rgb = as_rgb(images)
+    got, want = run(model, rgb), run(eager, rgb)
+    accuracy = (got.argmax(1) == labels).float().mean().item()
+    eager_accuracy = (want.argmax(1) == labels).float().mean().item()
+    same = [got.argmax(1) == want.argmax(1)]
+    for batch in cases(images):
+        same.append(run(model, batch).argmax(1) == run(eager, batch).argmax(1))
+    agreement = torch.cat(same).float().mean().item()
+    if agreement < INT8_AGREEMENT or accuracy < eager_accuracy - INT8_ACCURACY_DROP:
+        raise VariantError(
+            f"int8 top-1 agreement with eager {agreement:.2%} (limit {INT8_AGREEMENT:.0%}), test accuracy "
+            f"{accuracy:.2%} vs eager {eager_accuracy:.2%} (limit {INT8_ACCURACY_DROP:.1%} lower)"
+        )
+    return Check((got - want).abs().max().item(), agreement, accuracy, eager_accuracy, [tuple(rgb.shape)])
+
+
+# -- the variants ------------------------------------------------------------------------------------------------
+
+BUILDERS = {
+    "torchscript": build_torchscript,
+    "torchscript-frozen": build_frozen,
+    "aoti": build_aoti,
+    "int8": build_int8,
+    "onnx": build_onnx,
+}
+
+
+def export(
+    name: str, eager: nn.Module, test: tuple[Tensor, Tensor], folder: Path, calibration: Tensor | None = None
+) -> tuple[Path, Check]:
+    """Build variant `name` into `folder`, load the file back, check it; write it only if it passes."""
+    if name not in BUILDERS:
+        raise VariantError(f"unknown export variant {name!r}: one of {', '.join(BUILDERS)}")
+    images, labels = test
+    if len(images) < max(BATCH_SIZES):
+        images = images.repeat((max(BATCH_SIZES) + len(images) - 1) // len(images), 1, 1, 1)
+        labels = labels.repeat((max(BATCH_SIZES) + len(labels) - 1) // len(labels))
+    eager = eager.eval()
+    target = folder / files.VARIANTS[name]
+    with atomic_path(target) as tmp:
+        try:
+            if name == "int8":
+                build_int8(eager, images, tmp, images if calibration is None else calibration)
+            else:
+                BUILDERS[name](eager, images, tmp)
+            model = runtime.load(tmp)
+            check = check_int8(model, eager, images, labels) if name == "int8" else check_fp32(model, eager, images)
+        except VariantError as err:
+            raise VariantError(f"variant {name} refused: {err}") from err
+        except Exception as err:  # an exporter that cannot handle the graph: say which and why, in one line
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise VariantError(f"variant {name} failed: {type(err).__name__}: {first[:300]}") from err
+    log.info("wrote %s (%s; max abs diff vs eager %.1e)", target, name, check.max_abs_diff)
+    return target, check
