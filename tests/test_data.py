@@ -10,8 +10,9 @@ from PIL import Image
 from common.config import load_config
 from handlers.decode import decode_image
 from training.data import DataError, ImageDataModule, load_split, make_dataset, read_meta, split_indices
-from training.export import inference_module, trace
+from training.export import inference_module
 from training.pipeline import run
+from training.variants import trace
 
 
 def test_digits_splits_are_deterministic_disjoint_and_complete(cfg, dataset, tmp_path):
