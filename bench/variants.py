@@ -43,7 +43,7 @@ PHOTO_OVERRIDES = [
     f"data.image_size={PHOTO_SIZE}",
     "model=resnet18",
     f"model.input_size={PHOTO_SIZE}",
-    "trainer.max_epochs=3",
+    "trainer.max_epochs=4",
 ]
 
 
@@ -53,7 +53,7 @@ def log(message: str) -> None:
 
 def make_photos(root: Path = PHOTOS, seed: int = 0) -> Path:
     """A 224x224 RGB image folder, root/<digit>/<i>.jpg: each of scikit-learn's 1,797 digits enlarged, in a
-    random colour on a random background with noise, at a random offset. Made once, atomically."""
+    random colour on a random contrasting background with noise, at a random offset. Made once, atomically."""
     if root.is_dir():
         return root
     from sklearn.datasets import load_digits
@@ -63,7 +63,8 @@ def make_photos(root: Path = PHOTOS, seed: int = 0) -> Path:
         for i, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
             glyph = np.asarray(Image.fromarray((image * 16).astype(np.uint8)).resize((160, 160), Image.BILINEAR))
             alpha = glyph[..., None].astype(np.float32) / 255
-            fg, bg = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+            bg = rng.integers(0, 256, 3)
+            fg = (bg + 128 + rng.integers(-48, 49, 3)) % 256  # a random colour, never close to the background
             canvas = np.broadcast_to(bg, (PHOTO_SIZE, PHOTO_SIZE, 3)).astype(np.float32).copy()
             y, x = rng.integers(0, PHOTO_SIZE - 160, 2)
             canvas[y : y + 160, x : x + 160] = alpha * fg + (1 - alpha) * canvas[y : y + 160, x : x + 160]
@@ -104,9 +105,14 @@ def measure(
 ) -> list[dict]:
     """One row per variant; the variant files are written to `paths.artifacts` (what `make archive` packs)."""
     out = Path(cfg.paths.artifacts)
-    if not all((out / name).is_file() for name in (CHECKPOINT, files.LABELS, files.REFERENCE)):
-        log(f"no trained and exported model in {out}: the pipeline first")
-        run(cfg, only=["data", "train", "export"])
+    done = {
+        "data": (Path(cfg.paths.data) / "meta.json").is_file(),
+        "train": (out / CHECKPOINT).is_file(),
+        "export": (out / files.LABELS).is_file() and (out / files.REFERENCE).is_file(),
+    }
+    if missing := [stage for stage, ready in done.items() if not ready]:
+        log(f"{cfg.name}: running the pipeline's {', '.join(missing)} first")
+        run(cfg, only=missing)
     eager = inference_module(Classifier.load_from_checkpoint(out / CHECKPOINT, map_location="cpu"))
     images, labels = load_split(cfg.paths.data, "test")
     calibration, _ = load_split(cfg.paths.data, "train", limit=variants.CALIBRATION_IMAGES)

@@ -101,14 +101,22 @@ class ImageClassifier:
 
     @classmethod
     def from_dir(
-        cls, model_dir: Path | str, settings: Settings, name: str = "", version: str = "", model_file: str = files.MODEL
+        cls, model_dir: Path | str, settings: Settings, name: str = "", version: str = "", model_file: str = ""
     ) -> "ImageClassifier":
-        """The model, labels, drift reference and lineage as an archive (or the export) lays them out in `model_dir`."""
+        """The model, labels, drift reference and lineage as an archive (or the export) lays them out in `model_dir`.
+
+        The model file: `model_file`, else the one the archive's manifest names, else the portable model.pt.
+        """
         model_dir = Path(model_dir)
+        manifest = model_dir / files.MANIFEST
+        if not model_file and manifest.is_file():
+            model_file = json.loads(manifest.read_text())["model"]["serializedFile"]
         ref, origin = model_dir / files.REFERENCE, model_dir / files.LINEAGE
         reference = Reference.load(ref) if ref.is_file() else None
         lineage = json.loads(origin.read_text()) if origin.is_file() else None
-        return cls(model_dir / model_file, labels_in(model_dir), settings, name, version, reference, lineage)
+        return cls(
+            model_dir / (model_file or files.MODEL), labels_in(model_dir), settings, name, version, reference, lineage
+        )
 
     def drift_summary(self) -> dict:
         """This worker's drift scores against the archive's reference, and which are over the threshold."""

@@ -6,7 +6,7 @@ VARIANTS = {
     "torchscript": "model.pt",  # traced TorchScript: portable, runs on any device
     "torchscript-frozen": "model.frozen.pt",  # frozen + optimized for inference (oneDNN): CPU
     "aoti": "model.aoti.pt2",  # torch.export + AOTInductor, dynamic batch and image size: CPU
-    "int8": "model.int8.pt2",  # static int8 (torchao PT2E, x86 Inductor quantizer) + AOTInductor: CPU
+    "int8": "model.int8.pt",  # static int8 backbone (FX graph mode, x86 backend) in frozen TorchScript: CPU
     "onnx": "model.onnx",  # ONNX, run with ONNX Runtime
 }
 MODEL = VARIANTS["torchscript"]  # the portable file every offline tool reads (robustness, drift report)

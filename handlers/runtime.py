@@ -1,7 +1,7 @@
 """Load an exported model by what the file is: TorchScript (.pt), AOTInductor package (.pt2) or ONNX (.onnx).
 
 Every variant maps uint8 RGB images [B, 3, H, W] to class probabilities [B, classes]; `load` returns it
-as a callable with the device its inputs go to. The compiled variants (.pt2, frozen .pt) are built for the CPU.
+as a callable with the device its inputs go to. All but the plain TorchScript file run on the CPU.
 """
 
 from collections.abc import Callable
@@ -12,6 +12,7 @@ import torch
 
 KIND = "variant"  # a TorchScript file's extra file naming what kind it is
 FROZEN = "torchscript-frozen"
+INT8 = "int8"
 
 
 class LoadError(RuntimeError):
@@ -31,11 +32,14 @@ class Model:
 def load(path: Path | str, device: str | torch.device = "cpu") -> Model:
     path, device = Path(path), torch.device(device)
     if path.suffix == ".pt":
-        kind = {KIND: ""}
-        model = torch.jit.load(str(path), map_location=device, _extra_files=kind).eval()
-        if kind[KIND] in (FROZEN, FROZEN.encode()) and device.type == "cpu":  # oneDNN weight layouts, made at load
-            return Model(torch.jit.optimize_for_inference(model), device, "torchscript-frozen")
-        return Model(model, device, "torchscript")
+        extra = {KIND: ""}
+        model = torch.jit.load(str(path), map_location="cpu", _extra_files=extra).eval()
+        kind = extra[KIND].decode() if isinstance(extra[KIND], bytes) else extra[KIND]
+        if kind == FROZEN:  # oneDNN weight layouts, made at load
+            return Model(torch.jit.optimize_for_inference(model), torch.device("cpu"), kind)
+        if kind == INT8:  # quantized kernels run on the CPU
+            return Model(model, torch.device("cpu"), kind)
+        return Model(model.to(device), device, "torchscript")
     if path.suffix == ".pt2":
         from torch._inductor import aoti_load_package
 

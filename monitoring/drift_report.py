@@ -25,7 +25,7 @@ from handlers import files
 from handlers.classifier import ImageClassifier, Settings
 from handlers.decode import suffixes
 from handlers.drift import FEATURES, features, scores
-from training.archive import read_model_config, unpack
+from training.archive import read_manifest, read_model_config, unpack
 
 MIN_IMAGES = 30  # fewer images make the KS statistics noisy; the report says so
 NEEDED = (files.MODEL, files.LABELS, files.REFERENCE)
@@ -59,7 +59,8 @@ def locate(artifacts: Path, mar: Path | None, fallback: Path, workdir: Path) -> 
         raise DriftReportError(f"no {where}: run `make export` and `make archive`, or pass --mar")
     try:
         with zipfile.ZipFile(archive) as z:
-            missing = set(NEEDED) - set(z.namelist())
+            needed = {read_manifest(archive)["model"]["serializedFile"], files.LABELS, files.REFERENCE}
+            missing = needed - set(z.namelist())
         handler = read_model_config(archive).get("handler")
     except (zipfile.BadZipFile, KeyError, ValueError) as err:
         raise DriftReportError(f"{archive} is not a model archive ({err}): rebuild it with `make archive`") from None

@@ -138,7 +138,7 @@ def robustness(cfg: DictConfig) -> dict:
     model_path, data = Path(rc.model), Path(rc.data)
     if not model_path.is_file():
         raise RobustnessError(f"no TorchScript model at {model_path}: run `make export` (or `dvc repro export`)")
-    if not (data / f"{rc.split}.npz").is_file():
+    if not (data / "meta.json").is_file():  # npz or shards: load_split reads either
         raise RobustnessError(f"no {rc.split} split in {data}: run `make data` (or `dvc repro data`)")
     if not rc.shifts:
         raise RobustnessError("robustness.shifts is empty: nothing to evaluate")

@@ -223,7 +223,14 @@ def constant_archive(cfg, folder: Path, name: str, index: int) -> Path:
     torch.jit.save(torch.jit.script(Constant(classes, index)), str(artifacts / files.MODEL))
     paths = {"artifacts": str(artifacts), "model_store": str(folder / "model_store")}
     untrained = {"require_lineage": False}  # no training run made this model
-    return archive(OmegaConf.merge(cfg, {"name": name, "version": "2.0", "paths": paths, "archive": untrained}))
+    changes = {
+        "name": name,
+        "version": "2.0",
+        "paths": paths,
+        "archive": untrained,
+        "export": {"variant": "torchscript"},
+    }
+    return archive(OmegaConf.merge(cfg, changes))
 
 
 def sockets(ts: TorchServe) -> set[str]:

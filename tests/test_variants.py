@@ -14,22 +14,25 @@ from servers.torchserve import TorchServe
 from tests import client
 from training import variants
 from training.archive import archive, read_manifest
+from training.data import load_split
 from training.train import CHECKPOINT
 
 FP32 = {"torchscript": "torchscript", "torchscript-frozen": "torchscript-frozen", "aoti": "aotinductor"}
+SERVED = [*FP32, "int8"]
 
 
 @pytest.fixture(scope="module")
 def variant_dir(cfg, eager, test_split, model_file, tmp_path_factory) -> Path:
-    """Every fp32 variant of the session's model, with the files an archive needs beside it. The shipped
-    variant is the session export's own file (checked when it was written); the others are built here."""
+    """Every variant the tests serve, with the files an archive needs beside it. The shipped variant is the
+    session export's own file (checked when it was written); the others are built here."""
     folder = tmp_path_factory.mktemp("variants")
     artifacts = Path(cfg.paths.artifacts)
     for name in (files.LABELS, files.REFERENCE, files.LINEAGE, files.VARIANTS[cfg.export.variant]):
         shutil.copy2(artifacts / name, folder / name)
-    for name in FP32:
+    calibration, _ = load_split(cfg.paths.data, "train", limit=variants.CALIBRATION_IMAGES)
+    for name in SERVED:
         if not (folder / files.VARIANTS[name]).is_file():
-            variants.export(name, eager, test_split, folder)
+            variants.export(name, eager, test_split, folder, calibration)
     return folder
 
 
@@ -78,7 +81,18 @@ def test_an_exporter_failure_is_one_clear_error(eager, test_split, tmp_path, mon
     assert list(tmp_path.iterdir()) == []
 
 
-def test_int8_check_keeps_agreement_and_accuracy(eager, test_split):
+def test_int8_is_quantized_and_keeps_agreement_and_accuracy(variant_dir, eager, test_split):
+    model = runtime.load(variant_dir / files.VARIANTS["int8"])
+    assert model.runtime == "int8" and model.device.type == "cpu"
+    ops = {node.kind() for node in model.forward.inlined_graph.nodes()}
+    assert any(op.startswith("quantized::conv") for op in ops), sorted(ops)
+    images, labels = test_split
+    check = variants.check_int8(model, eager, images, labels)
+    assert check.agreement >= variants.INT8_AGREEMENT
+    assert check.accuracy >= check.eager_accuracy - variants.INT8_ACCURACY_DROP
+
+
+def test_int8_check_refuses_a_model_that_disagrees(eager, test_split):
     images, labels = test_split
     same = variants.check_int8(eager, eager, images, labels)
     assert same.agreement == 1.0 and same.accuracy == same.eager_accuracy > 0.9
@@ -93,9 +107,10 @@ def test_runtime_refuses_a_file_it_does_not_know(tmp_path):
 
 
 def test_every_variant_is_served_by_torchserve_from_its_archive(cfg, variant_dir, eager, test_split, tmp_path):
-    """One real TorchServe, one archive per variant; each answers the same images with eager's labels."""
-    mars = {}
-    for name in FP32:
+    """One real TorchServe, one archive per variant; each answers as its own file does offline."""
+    images = variants.as_rgb(test_split[0][:4])
+    mars, offline = {}, {}
+    for name in SERVED:
         variant_cfg = OmegaConf.merge(
             cfg,
             {
@@ -107,13 +122,12 @@ def test_every_variant_is_served_by_torchserve_from_its_archive(cfg, variant_dir
         mar = archive(variant_cfg)
         assert read_manifest(mar)["model"]["serializedFile"] == files.VARIANTS[name]
         mars[variant_cfg.name] = mar.name
-    images = variants.as_rgb(test_split[0][:4])
-    with torch.inference_mode():
-        want = eager(images)
+        with torch.inference_mode():
+            offline[variant_cfg.name] = runtime.load(variant_dir / files.VARIANTS[name])(images)
     with TorchServe(tmp_path / "store", mars, tmp_path / "ts", ports={}) as ts:
         ts.wait_ready(timeout=300)
         for model in mars:
-            for image, probs in zip(images, want, strict=True):
+            for image, probs in zip(images, offline[model], strict=True):
                 status, body = client.post(
                     ts.url("inference"), model, client.png(image.numpy()), "image/png", ts.headers()
                 )
