@@ -74,7 +74,11 @@ def test_reference_and_model_from_the_archive(monitoring_cfg, folders, mar, tmp_
     from_artifacts = drift_report(monitoring_cfg, folders["inverted"], out=tmp_path / "a")
     from_mar = drift_report(monitoring_cfg, folders["inverted"], mar, tmp_path / "b")
     assert from_mar["reference_from"] == str(mar)
-    assert from_mar["scores"] == from_artifacts["scores"]
+    # the inputs' features score the same; the answers' (confidence, classes) come from the archive's model
+    # file (int8 by default) instead of the portable model.pt, so they agree within the int8 check's margin
+    got, want = from_mar["scores"], from_artifacts["scores"]
+    assert {k: got[k] for k in FEATURES} == {k: want[k] for k in FEATURES}
+    assert got == pytest.approx(want, abs=0.05)
 
 
 def test_command_line(monitoring_cfg, folders, tmp_path):
