@@ -61,7 +61,11 @@ def export(cfg: DictConfig) -> Path:
     calibration, _ = load_split(cfg.paths.data, "train", limit=variants.CALIBRATION_IMAGES)
     written = []
     for name in dict.fromkeys(["torchscript", shipped]):  # the portable file, and the one the archive ships
-        path, check = variants.export(name, eager, test, out, calibration)
+        try:
+            path, check = variants.export(name, eager, test, out, calibration)
+        except variants.VariantError as err:
+            others = ", ".join(v for v in files.VARIANTS if v != name)
+            raise variants.VariantError(f"{err} (ship another with export.variant=<{others}>)") from err
         written.append(path)
         log.info("%s: max abs diff vs eager %.1e, agreement %.2f%%", name, check.max_abs_diff, 100 * check.agreement)
     classes = classifier.hparams.classes
