@@ -112,7 +112,7 @@ def measure(
     }
     if missing := [stage for stage, ready in done.items() if not ready]:
         log(f"{cfg.name}: running the pipeline's {', '.join(missing)} first")
-        run(cfg, only=missing)
+        run(OmegaConf.merge(cfg, {"export": {"variant": "torchscript"}}), only=missing)  # each variant is made below
     eager = inference_module(Classifier.load_from_checkpoint(out / CHECKPOINT, map_location="cpu"))
     images, labels = load_split(cfg.paths.data, "test")
     calibration, _ = load_split(cfg.paths.data, "train", limit=variants.CALIBRATION_IMAGES)

@@ -125,7 +125,8 @@ class TorchServe(Process):
         return {"Authorization": f"Bearer {key}"} if key else {}
 
     def _env(self) -> dict[str, str]:
-        env = dict(os.environ, JAVA_HOME=find_java_home(), TMPDIR=str(self.workdir))
+        # TEMP: where the frontend unpacks archives; else /tmp/models, which the first user to create it owns
+        env = dict(os.environ, JAVA_HOME=find_java_home(), TMPDIR=str(self.workdir), TEMP=str(self.workdir))
         env.update(LOG_LOCATION=str(self.workdir / "logs"), METRICS_LOCATION=str(self.workdir / "logs"))
         return env
 
