@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from common.config import ROOT, load_config
+from handlers import files, runtime
 from handlers.classifier import Settings
 from servers.torchserve import TorchServe
 from tests import client
@@ -78,6 +79,12 @@ def metrics(cfg, dataset) -> dict:
 @pytest.fixture(scope="session")
 def model_file(cfg, metrics) -> Path:
     return run(cfg, only=["export"])["export"]
+
+
+@pytest.fixture(scope="session")
+def shipped(cfg, model_file) -> runtime.Model:
+    """The file the archive ships (`export.variant`), loaded as the handler loads it: what served answers match."""
+    return runtime.load(Path(cfg.paths.artifacts) / files.VARIANTS[cfg.export.variant])
 
 
 @pytest.fixture(scope="session")

@@ -43,13 +43,13 @@ def ask(ts: TorchServe, name: str, data: bytes, content_type: str = "image/png")
 
 
 @pytest.fixture(scope="module")
-def offline(cfg, eager):
-    """offline(png bytes) -> the label the trained (eager) model gives the image those bytes decode to."""
+def offline(cfg, shipped):
+    """offline(png bytes) -> the label the archive's model file gives the image those bytes decode to."""
     classes = read_meta(cfg.paths.data)["classes"]
 
     def label(data: bytes) -> str:
         with torch.no_grad():
-            return classes[int(eager(decode_image(data, cfg.serve.handler.max_pixels)[None]).argmax(1))]
+            return classes[int(shipped(decode_image(data, cfg.serve.handler.max_pixels)[None]).argmax(1))]
 
     return label
 
