@@ -39,7 +39,7 @@ train: $(STAMP)  ## train (ARGS='model=resnet18 trainer.max_epochs=3')
 loaders: $(STAMP)  ## time the DataLoader for 0/1/2/4 workers -> reports/loaders/ (ARGS='--folder my_images')
 	$(PY) -m scripts.loaders $(ARGS)
 
-export: $(STAMP)  ## model.pt + the export.variant file (int8), each checked against the eager model
+export: $(STAMP)  ## model.pt + the export.variant file, each checked against the eager model
 	$(PY) -m training.export $(ARGS)
 
 archive: $(STAMP)  ## pack model_store/<name>.mar
