@@ -8,6 +8,8 @@ settings, driven by wrk. A variant whose check fails is listed as refused, with 
 
 import copy
 import json
+import os
+import platform
 import tempfile
 import time
 from pathlib import Path
@@ -210,6 +212,7 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
 
 def report(cfg: DictConfig, rows: list[dict], folder: Path, context: dict) -> Path:
     """reports/variants/<name>/: variants.json, README.md (the table), variants.png."""
+    context = {**context, "load_after": load_average()}
     with atomic_dir(folder) as tmp:
         write_json(tmp / "variants.json", {**context, "rows": rows})
         plot(rows, f"{cfg.name}: export variants ({context['machine']})", tmp / "variants.png")
@@ -230,30 +233,26 @@ def report(cfg: DictConfig, rows: list[dict], folder: Path, context: dict) -> Pa
     return folder
 
 
-def context(command: str, connections: int, serve_seconds: float) -> dict:
-    import os
-    import platform
+def load_average() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
+
+def context(command: str, connections: int, serve_seconds: float) -> dict:
+    """What the report says about the run; taken before it (report() adds the load after)."""
     return {
         "command": command,
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, torch {torch.__version__}",
-        "load_before": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "load_before": load_average(),
         "connections": connections,
         "serve_seconds": serve_seconds,
     }
 
 
-def finish(ctx: dict) -> dict:
-    import os
-
-    return {**ctx, "load_after": " ".join(f"{x:.1f}" for x in os.getloadavg())}
-
-
 def main(cfg: DictConfig, names: list[str], seconds: float, serve_seconds: float, connections: int, command: str):
     ctx = context(command, connections, serve_seconds)
     rows = measure(cfg, names, seconds, serve_seconds, connections)
-    folder = report(cfg, rows, REPORTS / str(cfg.name), finish(ctx))
+    folder = report(cfg, rows, REPORTS / str(cfg.name), ctx)
     print(table(rows))
     print(json.dumps({"report": str(folder)}))
     return folder

@@ -166,11 +166,14 @@ class ImageClassifier:
             self.drift.add(features(images), top.indices.tolist(), top.values.tolist())
 
     def answer(self, probs: torch.Tensor) -> dict:
-        """One image's answer: its top label and probability, and the top-k classes."""
-        top = probs.topk(self.top_k)
+        """One image's answer: its top label and probability, and the top-k classes.
+
+        Equal probabilities (int8 models make exact ties) rank the lower class index first, as argmax does.
+        """
+        values, indices = probs.sort(descending=True, stable=True)
         classes = [
             {"label": self.labels[i], "index": i, "probability": round(p, 6)}
-            for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+            for p, i in zip(values[: self.top_k].tolist(), indices[: self.top_k].tolist(), strict=True)
         ]
         return {"label": classes[0]["label"], "probability": classes[0]["probability"], "top_k": classes}
 

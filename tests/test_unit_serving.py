@@ -113,6 +113,18 @@ def test_answer_probabilities_match_the_model(core):
     assert (body["label"], body["probability"]) == (body["top_k"][0]["label"], body["top_k"][0]["probability"])
 
 
+def test_tied_probabilities_rank_the_lower_index_first_as_argmax_does(tiny_dir, settings):
+    """int8 models give exact ties; the answer must name the class argmax names (what offline tools report)."""
+    core = ImageClassifier.from_dir(tiny_dir, settings(top_k=2), "tiny", "0.1")
+    core.labels = [str(i) for i in range(10)]  # answer() ranks probabilities over 10 classes
+    for first, second in [(0, 1), (0, 9), (6, 8), (2, 7)]:
+        probs = torch.full((10,), 0.05)
+        probs[[first, second]] = 0.3
+        answer = core.answer(probs)
+        assert answer["top_k"][0]["index"] == first == probs.argmax().item()
+        assert [c["index"] for c in answer["top_k"]] == [first, second]
+
+
 def test_mixed_batch_gets_per_request_statuses(core):
     big = png(solid(GREEN, 40, 25))
     payloads = [png(solid(RED)), b"", big, b"hello", {"data": "%%%"}, {"instances": []}, png(solid(BLUE), "JPEG")]

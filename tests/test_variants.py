@@ -146,8 +146,7 @@ def test_variants_report_rows_are_complete(cfg, model_file, tmp_path):
     quick = OmegaConf.merge(cfg, {"paths": {"artifacts": str(artifacts)}})
     names = ["torchscript", "torchscript-frozen"]
     rows = bench_variants.measure(quick, names, seconds=0.2, serve_seconds=2, connections=2)
-    ctx = bench_variants.finish(bench_variants.context("test", 2, 2))
-    folder = bench_variants.report(quick, rows, tmp_path / "report", ctx)
+    folder = bench_variants.report(quick, rows, tmp_path / "report", bench_variants.context("test", 2, 2))
     written = json.loads((folder / "variants.json").read_text())
     assert [row["variant"] for row in written["rows"]] == names
     for row in written["rows"]:

@@ -55,20 +55,24 @@ def upscaled(images: Tensor, factor: int) -> Tensor:
     return images.repeat_interleave(factor, dim=2).repeat_interleave(factor, dim=3)
 
 
+def example(images: Tensor) -> Tensor:
+    """What exporters trace with: 2 images at a size the model does not use, so no size shortcut is baked in."""
+    return upscaled(as_rgb(images[:2]), 3)
+
+
 def cases(images: Tensor) -> list[Tensor]:
     """Batch sizes 1, 7 and 32 at the stored size, an odd-sized larger upload, and a batch of 2 at 3x."""
     rgb = as_rgb(images)
     odd = upscaled(rgb[:7], 4)[:, :, 1:, 3:]  # sizes that divide by nothing the model uses
-    return [*(rgb[:n] for n in BATCH_SIZES), odd, upscaled(rgb[:2], 3)]
+    return [*(rgb[:n] for n in BATCH_SIZES), odd, example(images)]
 
 
 # -- builders: eager module + example images -> a file at `path` -----------------------------------------------
 
 
 def trace(module: nn.Module, images: Tensor) -> torch.jit.ScriptModule:
-    """Trace at a size the model does not use, so no input-size shortcut is baked into the graph."""
     with torch.no_grad():
-        return torch.jit.trace(module, upscaled(as_rgb(images[:2]), 3))
+        return torch.jit.trace(module, example(images))
 
 
 def tensor_constants(scripted: torch.jit.ScriptModule) -> list[str]:
@@ -132,17 +136,13 @@ def inductor_for_any_size() -> Iterator[None]:
                 lowering.lowerings[op] = lower
 
 
-def compile_package(module: nn.Module, images: Tensor, path: Path) -> None:
+def build_aoti(eager: nn.Module, images: Tensor, path: Path) -> None:
     """torch.export with dynamic batch and image size, AOTInductor-compiled into a .pt2 package."""
     from torch._inductor import aoti_compile_and_package
 
     with inductor_for_any_size():
-        program = torch.export.export(module, (upscaled(as_rgb(images[:2]), 3),), dynamic_shapes=dynamic_shapes())
+        program = torch.export.export(eager, (example(images),), dynamic_shapes=dynamic_shapes())
         aoti_compile_and_package(program, package_path=str(path))
-
-
-def build_aoti(eager: nn.Module, images: Tensor, path: Path) -> None:
-    compile_package(eager, images, path)
 
 
 def build_int8(eager: nn.Module, images: Tensor, path: Path, calibration: Tensor) -> None:
@@ -166,9 +166,10 @@ def build_int8(eager: nn.Module, images: Tensor, path: Path, calibration: Tensor
 
 
 def build_onnx(eager: nn.Module, images: Tensor, path: Path) -> None:
-    example = (upscaled(as_rgb(images[:2]), 3),)
     with torch.no_grad():
-        program = torch.onnx.export(eager, example, dynamo=True, dynamic_shapes=dynamic_shapes(), verbose=False)
+        program = torch.onnx.export(
+            eager, (example(images),), dynamo=True, dynamic_shapes=dynamic_shapes(), verbose=False
+        )
     program.save(str(path))
 
 
@@ -238,10 +239,8 @@ def export(
     target = folder / files.VARIANTS[name]
     with atomic_path(target) as tmp:
         try:
-            if name == "int8":
-                build_int8(eager, images, tmp, images if calibration is None else calibration)
-            else:
-                BUILDERS[name](eager, images, tmp)
+            quantizing = {"calibration": images if calibration is None else calibration} if name == "int8" else {}
+            BUILDERS[name](eager, images, tmp, **quantizing)
             model = runtime.load(tmp)
             check = check_int8(model, eager, images, labels) if name == "int8" else check_fp32(model, eager, images)
         except VariantError as err:
