@@ -3,7 +3,7 @@
 import statistics
 from pathlib import Path
 
-from bench.servers import FASTAPI
+from bench.servers import FASTAPI, PEERS
 from common.io import atomic_path
 
 
@@ -59,6 +59,10 @@ def plot(results: dict, model: str, servers: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def times(a: dict | None, b: dict | None) -> str:
+    return f"{a['rps'] / b['rps']:.2f}×" if a and b and b["rps"] else ""
+
+
 def goal(ok: bool | None) -> str:
     return "n/a" if ok is None else ("met" if ok else "**missed**")
 
@@ -101,7 +105,9 @@ def report(results: dict, models: list[str], servers: list[str], heavy: str | No
         f"*stock* = TorchServe defaults ({meta['stock']}); *tuned* = what ships (`config.properties` + `serve:`: "
         f"{meta['tuned']}); *tuned, batch 1* = the same with batchSize 1; *FastAPI* = a plain FastAPI app "
         f"(servers/fastapi.py) over the same serving core under uvicorn, one worker process per core "
-        f"({meta['cores']}), one request per forward pass.",
+        f"({meta['cores']}), one request per forward pass; *LitServe* = LitServe (servers/litserve.py) over the same "
+        "serving core, batching as the archive says (batchSize and maxBatchDelay as *tuned*), one inference worker "
+        "process per core behind as many uvicorn processes.",
         "",
     ]
     for model in models:
@@ -117,18 +123,19 @@ def report(results: dict, models: list[str], servers: list[str], heavy: str | No
                 lines.append(f"| {b} | {m['images_per_s']:.0f} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} |")
             lines.append("")
         lines += ["Closed loop, requests/s · p50 / p99 ms (errors, if any):", ""]
-        lines += ["| connections | " + " | ".join(servers) + " | tuned/FastAPI | tuned/in-process |"]
-        lines += ["|" + " ---: |" * (3 + len(servers))]
+        peers = [s for s in servers if s in PEERS]
+        lines += ["| connections | " + " | ".join([*servers, *(f"tuned/{p}" for p in peers)]) + " | tuned/in-process |"]
+        lines += ["|" + " ---: |" * (2 + len(servers) + len(peers))]
         for c in counts:
             cells = []
             for s in servers:
                 m = medians.get((s, c))
                 fail = f" ({m['failures']} errors)" if m and m["failures"] else ""
                 cells.append(f"{m['rps']:.0f} · {m['p50_ms']:.1f} / {m['p99_ms']:.1f}{fail}" if m else "")
-            tuned, fast = medians.get(("tuned", c)), medians.get((FASTAPI, c))
-            ratio = f"{tuned['rps'] / fast['rps']:.2f}×" if tuned and fast and fast["rps"] else ""
+            tuned = medians.get(("tuned", c))
+            cells += [times(tuned, medians.get((p, c))) for p in peers]
             share = f"{tuned['rps'] / best:.0%}" if tuned and best else ""
-            lines.append(f"| {c} | " + " | ".join(cells) + f" | {ratio} | {share} |")
+            lines.append(f"| {c} | " + " | ".join(cells) + f" | {share} |")
         lines += ["", "Server CPU ms per request (worker alone) · wrk's CPU share:", ""]
         lines += ["| connections | " + " | ".join(servers) + " |", "|" + " ---: |" * (1 + len(servers))]
         for c in counts:
@@ -156,7 +163,7 @@ def report(results: dict, models: list[str], servers: list[str], heavy: str | No
             if row["model"] == model:
                 ready.setdefault(row["server"], []).append(row["s"])
         if ready:
-            lines += ["", "Time from start to every worker READY (FastAPI: to answering /ping), seconds:", ""]
+            lines += ["", "Time from start to every worker READY (FastAPI, LitServe: to answering /ping), seconds:", ""]
             lines += ["| server | median | min | max | starts |", "| --- | ---: | ---: | ---: | ---: |"]
             for s, values in ready.items():
                 lines.append(

@@ -15,7 +15,7 @@ from bench import wrk
 from bench.measure import measure
 from bench.models import HEAVY, BenchError, log, prepare, unpack_model
 from bench.report import plot, report
-from bench.servers import comparison, describe
+from bench.servers import PEERS, comparison, describe
 from bench.sweep import sweep_report, sweep_servers
 from common.config import ROOT
 from common.io import write_json, write_text
@@ -62,7 +62,7 @@ def benchmark(
     variants: list[str] | None = None,
     connections: list[int] | None = None,
     repeats: int | None = None,
-    fastapi: bool = True,
+    peers: tuple[str, ...] = tuple(PEERS),
     retrain: bool = False,
     out: str | None = None,
     command: str = "",
@@ -88,7 +88,7 @@ def benchmark(
             servers = sweep_servers(model, shipped, workdir, plan.connections, variants)
         else:
             mwork = workdir / model.key
-            servers = comparison(model, shipped, mwork, plan, goals["connections"], default_threads, fastapi)
+            servers = comparison(model, shipped, mwork, plan, goals["connections"], default_threads, peers)
         measure(model, servers, plan, workdir, results)
 
     loads = [r["load1"] for r in results["runs"]] or [load_start]

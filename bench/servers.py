@@ -1,15 +1,18 @@
 """The servers the benchmark compares, and starting one: TorchServe with an archive variant and a
-config.properties, or the FastAPI peer over the same serving core."""
+config.properties, or a peer over the same serving core (FastAPI, LitServe with batching)."""
 
 import os
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.models import Model, stock_model_config, variant
 from common.io import write_text
 from servers.fastapi import FastAPIPeer
+from servers.litserve import LitServePeer
+from servers.peer import Peer
 from servers.process import Process, ServerError
 from servers.torchserve import CONFIG_PROPERTIES, TorchServe, read_properties
 
@@ -18,12 +21,13 @@ PERFORMANCE_PROPERTIES = (
     "default_workers_per_model", "job_queue_size", "async_logging", "metrics_mode", "disable_system_metrics",
     "number_of_netty_threads", "netty_client_threads", "vmargs",
 )  # fmt: skip
-FASTAPI = "FastAPI"
+FASTAPI, LITSERVE = "FastAPI", "LitServe"
+PEERS = {FASTAPI: FastAPIPeer, LITSERVE: LitServePeer}
 
 
 @dataclass
 class Server:
-    """One way of serving a model: a TorchServe model store + properties, or (no store) the FastAPI peer."""
+    """One way of serving a model: a TorchServe model store + properties, or (no store) the peer of its label."""
 
     label: str
     connections: list[int]
@@ -57,9 +61,9 @@ def describe(model_config: dict, props: dict[str, str]) -> str:
 
 
 def comparison(
-    model: Model, shipped: dict, workdir: Path, plan, goal_connections: int, default_threads: int, fastapi: bool
+    model: Model, shipped: dict, workdir: Path, plan, goal_connections: int, default_threads: int, peers: Iterable[str]
 ) -> list[Server]:
-    """stock, tuned (what ships), tuned with batch size 1 (at the goal's connection count and above), FastAPI."""
+    """stock, tuned (what ships), tuned with batch size 1 (at the goal's connection count and above), `peers`."""
     stock = variant(model, workdir, "stock", stock_model_config(shipped, default_threads))
     single = variant(model, workdir, "tuned_b1", {**shipped, "batchSize": 1})
     conns, rates = plan.connections, plan.rates
@@ -70,10 +74,10 @@ def comparison(
             "tuned, batch 1", [c for c in conns if c >= goal_connections] or conns[-1:], [], single, CONFIG_PROPERTIES
         ),
     ]
-    return [*servers, Server(FASTAPI, conns, rates)] if fastapi else servers
+    return [*servers, *(Server(peer, conns, rates) for peer in peers)]
 
 
-def launch(process: FastAPIPeer | TorchServe, timeout: float) -> float:
+def launch(process: Peer | TorchServe, timeout: float) -> float:
     """Start it and wait until it is ready (stopped again if it is not); the seconds that took."""
     begin = time.monotonic()
     process.start()
@@ -89,7 +93,7 @@ def start(model: Model, server: Server, workdir: Path) -> Running:
     """Start `server` in a fresh `workdir`, ready to answer; the caller stops running.process."""
     if server.store is None:
         shutil.rmtree(workdir, ignore_errors=True)
-        peer = FastAPIPeer(model.mar, workdir, workers=os.cpu_count() or 1)
+        peer = PEERS[server.label](model.mar, workdir, workers=os.cpu_count() or 1)
         return Running(peer.url(), peer.token, launch(peer, 120), peer)
     for attempt in range(3):  # a free port can be taken by another process before TorchServe binds it
         shutil.rmtree(workdir, ignore_errors=True)

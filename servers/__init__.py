@@ -1,1 +1,1 @@
-"""Servers the bundle starts and stops: TorchServe, Prometheus, the container, the FastAPI peer."""
+"""Servers the bundle starts and stops: TorchServe, Prometheus, the container, the FastAPI and LitServe peers."""

@@ -5,21 +5,14 @@ It answers POST /predictions/<model> like TorchServe does (same classifier, same
 one request per forward pass) and GET /ping. `FastAPIPeer` runs it under uvicorn as a child process.
 """
 
-import json
 import os
-import secrets
 import socket
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-from common.config import ROOT
 from handlers.classifier import ImageClassifier, Settings
-from servers.process import Process, free_port
-from training.archive import read_manifest, read_model_config, unpack
-
-MAR, MODEL_DIR, TOKEN = "FASTAPI_MAR", "FASTAPI_MODEL_DIR", "FASTAPI_TOKEN"  # what the app reads
+from servers.peer import MAR, MODEL_DIR, Peer, authorized, error, json_response
+from training.archive import read_manifest, read_model_config
 
 
 def load_classifier(mar: Path | str, model_dir: Path | str) -> ImageClassifier:
@@ -29,6 +22,17 @@ def load_classifier(mar: Path | str, model_dir: Path | str) -> ImageClassifier:
     settings = Settings.from_dict(read_model_config(mar).get("handler"))
     name, version = model["modelName"], model.get("modelVersion", "")
     return ImageClassifier.from_dir(model_dir, settings, name, version, model["serializedFile"])
+
+
+def serving_core() -> ImageClassifier:
+    """The classifier of $PEER_MAR, unpacked in $PEER_MODEL_DIR, with the torch threads the TorchServe handler
+    sets, warmed up."""
+    import torch
+
+    classifier = load_classifier(os.environ[MAR], os.environ[MODEL_DIR])
+    torch.set_num_threads(classifier.settings.threads)
+    classifier.warm_up()
+    return classifier
 
 
 def tcp_nodelay_everywhere() -> None:
@@ -45,71 +49,38 @@ def tcp_nodelay_everywhere() -> None:
 
 
 def app():
-    """The app (uvicorn --factory): the classifier of $FASTAPI_MAR, unpacked in $FASTAPI_MODEL_DIR."""
-    import torch
+    """The app (uvicorn --factory)."""
     from fastapi import FastAPI, Request, Response
 
     tcp_nodelay_everywhere()
-
-    classifier = load_classifier(os.environ[MAR], os.environ[MODEL_DIR])
-    torch.set_num_threads(classifier.settings.threads)  # as the TorchServe handler does
-    classifier.warm_up()
-    expected = f"Bearer {os.environ[TOKEN]}"
+    classifier = serving_core()
     api = FastAPI()
-
-    def error(status: int, message: str) -> Response:
-        body = json.dumps({"error": message, "status": status})
-        return Response(body, status_code=status, media_type="application/json")
 
     @api.get("/ping")
     async def ping(request: Request) -> Response:
-        if request.headers.get("authorization") != expected:
+        if not authorized(request.headers):
             return error(400, "missing or wrong token")
-        return Response(json.dumps({"status": "Healthy"}), media_type="application/json")
+        return json_response({"status": "Healthy"})
 
     @api.post("/predictions/{name}")
     async def predict(name: str, request: Request) -> Response:
-        if request.headers.get("authorization") != expected:
+        if not authorized(request.headers):
             return error(400, "missing or wrong token")
         if name != classifier.name:
             return error(404, f"no model {name}")
         result = classifier.handle([await request.body()])[0]
-        return Response(json.dumps(result.body), status_code=result.status, media_type="application/json")
+        return json_response(result.body, result.status)
 
     return api
 
 
-class FastAPIPeer(Process):
-    """uvicorn serving `app` for the archive `mar` on a free loopback port, with its own token."""
+class FastAPIPeer(Peer):
+    """uvicorn serving `app`, one process per worker (they share the port)."""
 
     name = "the FastAPI app"
+    log_name = "uvicorn.log"
 
-    def __init__(self, mar: Path | str, workdir: Path | str, workers: int = 1) -> None:
-        self.mar, self.workdir = Path(mar).resolve(), Path(workdir).resolve()
-        self.port, self.token = free_port(), secrets.token_hex(8)
+    def command(self, workers: int) -> list[str]:
         cmd = [sys.executable, "-m", "uvicorn", f"{__name__}:app", "--factory", "--host", "127.0.0.1"]
-        cmd += ["--workers", str(workers)] if workers > 1 else []  # uvicorn's processes share the port
-        env = dict(os.environ, **{MAR: str(self.mar), MODEL_DIR: str(self.workdir / "model"), TOKEN: self.token})
-        super().__init__([*cmd, "--port", str(self.port)], self.workdir / "uvicorn.log", ROOT, env)
-
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-    def start(self) -> "FastAPIPeer":
-        unpack(self.mar, self.workdir / "model")
-        super().start()
-        return self
-
-    def ready(self) -> bool:
-        request = urllib.request.Request(f"{self.url()}/ping", headers=self.headers())
-        try:
-            with urllib.request.urlopen(request, timeout=2) as response:
-                return response.status == 200
-        except (OSError, urllib.error.URLError):
-            return False
-
-    def wait_ready(self, timeout: float = 120) -> float:
-        return self.wait_until(self.ready, timeout, "answering /ping")
+        cmd += ["--workers", str(workers)] if workers > 1 else []
+        return [*cmd, "--port", str(self.port)]
