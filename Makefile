@@ -66,7 +66,7 @@ variants: $(STAMP) pipeline  ## export every model variant, measure each -> repo
 loadtest: $(STAMP) pipeline  ## Locust load test with SLO checks, configs/loadtest.yaml (ARGS='--users 32 --run-time 60')
 	$(PY) -m scripts.loadtest $(ARGS)
 
-bench: $(STAMP) pipeline  ## benchmark with wrk: in-process vs stock vs tuned TorchServe vs FastAPI, 1-128 connections (ARGS='--quick')
+bench: $(STAMP) pipeline  ## benchmark with wrk: in-process vs stock vs tuned TorchServe vs FastAPI and LitServe, 1-128 connections (ARGS='--quick')
 	$(PY) -m scripts.bench $(ARGS)
 
 .PHONY: robustness drift monitoring monitoring-check

@@ -45,7 +45,7 @@ PHOTO_OVERRIDES = [
     f"data.image_size={PHOTO_SIZE}",
     "model=resnet18",
     f"model.input_size={PHOTO_SIZE}",
-    "trainer.max_epochs=4",
+    "trainer.max_epochs=10",
 ]
 
 
@@ -54,8 +54,8 @@ def log(message: str) -> None:
 
 
 def make_photos(root: Path = PHOTOS, seed: int = 0) -> Path:
-    """A 224x224 RGB image folder, root/<digit>/<i>.jpg: each of scikit-learn's 1,797 digits enlarged, in a
-    random colour on a random contrasting background with noise, at a random offset. Made once, atomically."""
+    """A 224x224 RGB image folder, root/<digit>/<i>.jpg: each of scikit-learn's 1,797 digits enlarged to 160x160,
+    dark on a light background, both in random colours, with noise, at a random offset. Made once, atomically."""
     if root.is_dir():
         return root
     from sklearn.datasets import load_digits
@@ -65,12 +65,11 @@ def make_photos(root: Path = PHOTOS, seed: int = 0) -> Path:
         for i, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
             glyph = np.asarray(Image.fromarray((image * 16).astype(np.uint8)).resize((160, 160), Image.BILINEAR))
             alpha = glyph[..., None].astype(np.float32) / 255
-            bg = rng.integers(0, 256, 3)
-            fg = (bg + 128 + rng.integers(-48, 49, 3)) % 256  # a random colour, never close to the background
+            bg, fg = rng.integers(160, 256, 3), rng.integers(0, 96, 3)  # any colours, the digit always darker
             canvas = np.broadcast_to(bg, (PHOTO_SIZE, PHOTO_SIZE, 3)).astype(np.float32).copy()
             y, x = rng.integers(0, PHOTO_SIZE - 160, 2)
             canvas[y : y + 160, x : x + 160] = alpha * fg + (1 - alpha) * canvas[y : y + 160, x : x + 160]
-            canvas += rng.normal(0, 12, canvas.shape)
+            canvas += rng.normal(0, 8, canvas.shape)
             (tmp / str(label)).mkdir(exist_ok=True)
             Image.fromarray(canvas.clip(0, 255).astype(np.uint8)).save(tmp / str(label) / f"{i}.jpg", quality=90)
     return root
