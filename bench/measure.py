@@ -1,6 +1,7 @@
 """The measurements: the serving core in this process (no HTTP), and wrk against a running server (closed loop
-at each connection count, then paced at fixed arrival rates) with the server's CPU time per request; `measure`
-runs them, repeats interleaved across servers."""
+at each connection count, then paced at fixed arrival rates) with the server's CPU time per request, then, for
+the shipped server, Locust at some of the same connection counts (bench/locust.py); `measure` runs them,
+repeats interleaved across servers."""
 
 import json
 import os
@@ -13,7 +14,7 @@ import numpy as np
 import psutil
 import torch
 
-from bench import wrk
+from bench import locust, wrk
 from bench.models import BenchError, Model, log
 from bench.servers import Running, Server, start
 from servers.fastapi import load_classifier
@@ -132,9 +133,33 @@ def under_load(model: Model, running: Running, connections: int, seconds: float,
     return row
 
 
+def beside_wrk(model: Model, running: Running, label: str, repeat: int, plan, results: dict) -> None:
+    """Locust at each of `plan.locust_connections` that wrk measured on this server in this repeat: rows in
+    results["locust"], each with wrk's numbers at the same connection count beside it (under "wrk")."""
+    measured = {
+        r["connections"]: r
+        for r in results["runs"]
+        if (r["model"], r["server"], r["repeat"]) == (model.key, label, repeat) and not r["rate"]
+    }
+    for users in plan.locust_connections:
+        if users not in measured:
+            log(f"  Locust at {users} users left out: wrk did not measure {users} connections")
+            continue
+        row = locust.run(model, running, users, plan.run_time_s)
+        drain(model, running)
+        row["wrk"] = {k: measured[users][k] for k in locust.COMPARED}
+        results.setdefault("locust", []).append({"model": model.key, "server": label, "repeat": repeat, **row})
+        failed = f" (first: {row['first_error']})" if row["failures"] else ""
+        log(
+            f"  Locust {users:>3} users: {row['rps']:7.0f} req/s  p50 {row['p50_ms']:6.2f}  p99 {row['p99_ms']:6.2f} ms"
+            f"  errors {row['failures']}{failed}  Locust CPU {row['client_cpu']:.0%}"
+            f"  (wrk: {row['wrk']['rps']:.0f} req/s, CPU {row['wrk']['client_cpu']:.0%})"
+        )
+
+
 def measure(model: Model, servers: list[Server], plan, workdir, results: dict) -> None:
-    """The in-process limit at each batch size, then every server once per repeat (repeats interleaved);
-    rows and errors are added to `results`."""
+    """The in-process limit at each batch size, then every server once per repeat (repeats interleaved), the
+    shipped one with Locust too; rows and errors are added to `results`."""
     for batch in plan.batch_sizes:
         for repeat in range(plan.repeats):
             r = in_process(model, batch, plan.inprocess_s)
@@ -161,6 +186,8 @@ def measure(model: Model, servers: list[Server], plan, workdir, results: dict) -
                 for rate in server.rates:
                     row = under_load(model, running, plan.paced_connections, plan.run_time_s, rate)
                     results["open"].append({"model": model.key, "server": server.label, "repeat": repeat, **row})
+                if server.label == locust.SERVER:
+                    beside_wrk(model, running, server.label, repeat, plan, results)
             except (BenchError, OSError) as err:
                 results["errors"].append(f"{model.key} {server.label}: {err}")
                 log(f"error: {results['errors'][-1]}")

@@ -78,6 +78,60 @@ def open_medians(results: dict, model: str) -> dict[tuple[str, float], dict]:
     }
 
 
+def locust_medians(results: dict, model: str) -> dict[int, dict]:
+    """Locust's runs (bench/locust.py) per connection count: medians over the repeats (errors: the sum), each
+    with wrk's numbers of the same repeats under "wrk"."""
+    groups: dict[int, list[dict]] = {}
+    for row in results.get("locust", []):
+        if row["model"] == model:
+            groups.setdefault(row["connections"], []).append(row)
+    keys = ("rps", "p50_ms", "p99_ms", "client_cpu")
+
+    def medians(rows: list[dict]) -> dict:
+        out = {k: statistics.median(r[k] for r in rows) for k in keys}
+        return {**out, "failures": sum(r["failures"] for r in rows)}
+
+    return {c: {**medians(rows), "wrk": medians([r["wrk"] for r in rows])} for c, rows in sorted(groups.items())}
+
+
+def locust_table(results: dict, model: str, cores: int) -> list[str]:
+    """The "Locust vs wrk" table of one model, and a sentence on its highest connection count; [] without runs."""
+    rows = locust_medians(results, model)
+    if not rows:
+        return []
+    lines = [
+        "",
+        "Locust vs wrk (tuned TorchServe): the same server and cores, raw PNG bodies, no wait between requests "
+        "(Locust also checks every answer, as in `make loadtest`). Requests/s answered without error · p50 / p99 ms; "
+        f"client CPU is the load generator's own CPU share (1.0 = one of the {cores} cores; Locust's over its "
+        "measured window, without its start-up):",
+        "",
+        "| connections | wrk | Locust | Locust/wrk req/s | errors wrk · Locust | client CPU wrk · Locust |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+
+    def cell(m: dict) -> str:
+        return f"{m['rps']:.0f} · {m['p50_ms']:.1f} / {m['p99_ms']:.1f}"
+
+    for c, m in rows.items():
+        w = m["wrk"]
+        ratio = f"{m['rps'] / w['rps']:.2f}×" if w["rps"] else ""
+        lines.append(
+            f"| {c} | {cell(w)} | {cell(m)} | {ratio} | {w['failures']} · {m['failures']} | "
+            f"{w['client_cpu']:.2f} · {m['client_cpu']:.2f} |"
+        )
+    c, m = max(rows.items())
+    w = m["wrk"]
+    if w["rps"]:
+        lines += [
+            "",
+            f"At {c} connection{'s' if c != 1 else ''} Locust used {m['client_cpu']:.2f} of a core and wrk "
+            f"{w['client_cpu']:.2f}; Locust measured {m['rps']:.0f} req/s, {m['rps'] / w['rps']:.2f}× what wrk "
+            f"measured ({w['rps']:.0f}), p99 {m['p99_ms']:.1f} ms against wrk's {w['p99_ms']:.1f} ms.",
+        ]
+    return lines
+
+
 def report(results: dict, models: list[str], servers: list[str], heavy: str | None) -> str:
     meta = results["meta"]
     lines = [
@@ -85,7 +139,8 @@ def report(results: dict, models: list[str], servers: list[str], heavy: str | No
         "",
         f"Written by `python -m scripts.bench{(' ' + meta['args']) if meta['args'] else ''}` on {meta['date']}, "
         f"{meta['minutes']:.1f} minutes. Machine: {meta['machine']}. torch {meta['torch']}, "
-        f"TorchServe {meta['torchserve']}, wrk {meta['wrk']}.",
+        f"TorchServe {meta['torchserve']}, wrk {meta['wrk']}"
+        + (f", Locust {meta['locust']}." if meta.get("locust") else "."),
         "",
         f"Load average (1 min) at start {meta['load_start']:.1f}, at end {meta['load_end']:.1f}, median over the "
         f"measurements {meta['load_median']:.1f}. {meta['note']}",
@@ -158,6 +213,7 @@ def report(results: dict, models: list[str], servers: list[str], heavy: str | No
                     fail = f" ({m['failures']:.0f} errors)" if m and m["failures"] else ""
                     cells.append(f"{m['rps']:.0f} · {m['p50_ms']:.1f} / {m['p99_ms']:.1f}{fail}" if m else "")
                 lines.append(f"| {r:.0f} | " + " | ".join(cells) + " |")
+        lines += locust_table(results, model, meta["cores"])
         ready = {}
         for row in results["ready"]:
             if row["model"] == model:

@@ -4,7 +4,7 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 
@@ -37,9 +37,18 @@ class Plan:
     batch_sizes: list[int]
     rates: list[float]  # paced (open-loop) arrival rates, requests/s
     paced_connections: int  # connections wrk spreads a paced run over
+    locust_connections: list[int] = field(default_factory=list)  # Locust users beside wrk (tuned server only)
 
     @classmethod
-    def of(cls, bench: DictConfig, quick: bool, connections: list[int] | None, repeats: int | None, sweep: bool):
+    def of(
+        cls,
+        bench: DictConfig,
+        quick: bool,
+        connections: list[int] | None,
+        repeats: int | None,
+        sweep: bool,
+        with_locust: bool = True,
+    ):
         chosen = {**bench, **(bench.quick if quick else {})}
         return cls(
             connections=list(connections or chosen["connections"]),
@@ -50,6 +59,7 @@ class Plan:
             batch_sizes=[] if sweep else list(bench.batch_sizes),
             rates=[] if sweep else list(chosen["rates"]),
             paced_connections=bench.paced_connections,
+            locust_connections=list(chosen.get("locust_connections") or []) if with_locust and not sweep else [],
         )
 
 
@@ -66,17 +76,19 @@ def benchmark(
     retrain: bool = False,
     out: str | None = None,
     command: str = "",
+    with_locust: bool = True,
 ) -> None:
     """Measure and write <out>/README.md, results.json and a plot per model (with `sweep`: tuning.md, tuning.json
-    for the first model's candidates). `overrides` are the Hydra overrides that made `cfg` (the heavy model's too)."""
+    for the first model's candidates). `overrides` are the Hydra overrides that made `cfg` (the heavy model's too).
+    `with_locust`: Locust beside wrk against the tuned server at bench.locust_connections (not with `sweep`)."""
     started = time.monotonic()
-    plan = Plan.of(cfg.bench, quick, connections, repeats, sweep)
+    plan = Plan.of(cfg.bench, quick, connections, repeats, sweep, with_locust)
     goals = OmegaConf.to_container(cfg.bench.goals, resolve=True)
     out, workdir = Path(out or cfg.bench.out), ROOT / cfg.bench.workdir
     default_threads = torch.get_num_threads()  # the stock server's: torch's default on this machine
     prepared = prepare(cfg, overrides, models[:1] if sweep else models, retrain)
     tuned_props = read_properties(CONFIG_PROPERTIES)
-    results = {"runs": [], "open": [], "ready": [], "inprocess": [], "errors": []}
+    results = {"runs": [], "open": [], "ready": [], "inprocess": [], "locust": [], "errors": []}
     load_start = os.getloadavg()[0]
     log(f"load average {load_start:.1f}; models {', '.join(m.name for m in prepared)}; connections {plan.connections}")
     tuned_config = {}
@@ -102,6 +114,7 @@ def benchmark(
         "torch": torch.__version__,
         "torchserve": version("torchserve"),
         "wrk": wrk.version(),
+        "locust": version("locust") if plan.locust_connections else "",
         "load_start": load_start,
         "load_end": os.getloadavg()[0],
         "load_median": statistics.median(loads),
@@ -116,6 +129,7 @@ def benchmark(
         "connections": plan.connections,
         "rates": plan.rates,
         "paced_connections": plan.paced_connections,
+        "locust_connections": plan.locust_connections,
         "cores": os.cpu_count(),
         "stock": f"one worker per core ({os.cpu_count()}), batchSize 1, maxBatchDelay 100, torch threads "
         f"{default_threads}, log metrics, system metrics, synchronous logging",

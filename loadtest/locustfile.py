@@ -16,7 +16,10 @@ Defaults come from configs/loadtest.yaml; each option has an environment variabl
 (LOCUST_KEY_FILE, TorchServe's key_file.json), --mix (LOCUST_MIX), --malformed-share
 (LOCUST_MALFORMED_SHARE), --wait-min/--wait-max (LOCUST_WAIT_MIN/MAX, seconds),
 --instances (LOCUST_INSTANCES), --summary-json (LOCUST_SUMMARY_JSON: exact latencies of the
-measured window, written at exit; `make loadtest` checks its SLOs from it).
+measured window, written at exit; `make loadtest` checks its SLOs from it), --client-cpu
+(LOCUST_CLIENT_CPU, off by default; 1: the summary also gets `client_cpu`, this process's CPU
+seconds over the measured window's wall seconds, 1.0 = a core: what `make bench` sets to show
+Locust's own cost beside wrk's).
 """
 
 import base64
@@ -53,6 +56,10 @@ def _arguments(parser) -> None:
     parser.add_argument("--wait-min", env_var="LOCUST_WAIT_MIN", type=float, default=float(DEFAULTS.wait_s[0]))
     parser.add_argument("--wait-max", env_var="LOCUST_WAIT_MAX", type=float, default=float(DEFAULTS.wait_s[1]))
     parser.add_argument("--summary-json", env_var="LOCUST_SUMMARY_JSON", default="", include_in_web_ui=False)
+    parser.add_argument(
+        "--client-cpu", env_var="LOCUST_CLIENT_CPU", type=int, default=0, include_in_web_ui=False,
+        help="1: add Locust's own CPU share over the measured window to --summary-json (off by default)",
+    )  # fmt: skip
 
 
 class Scenario:
@@ -88,12 +95,14 @@ class Recorder:
 
     def __init__(self) -> None:
         self.sent = 0  # every request of the run, the reset ones too (server CPU per request)
+        self.track_cpu = False  # --client-cpu: this process's CPU time at the window's last request
         self.reset()
 
     def reset(self) -> None:
         self.rows: dict[str, list[tuple[float, bool]]] = {}
         self.errors: Counter[str] = Counter()
         self.count, self.start, self.end = 0, time.time(), time.time()
+        self.cpu_start = self.cpu_end = time.process_time()  # every thread of this process, user + system
 
     def add(self, name: str, ms: float, error: BaseException | None) -> None:
         self.sent += 1
@@ -101,6 +110,8 @@ class Recorder:
             self.rows.setdefault(name, []).append((ms, error is None))
             self.count += 1
             self.end = time.time()
+            if self.track_cpu:
+                self.cpu_end = time.process_time()
         key = f"{name}: {str(error)[:160]}"
         if error is not None and (len(self.errors) < 100 or key in self.errors):
             self.errors[key] += 1
@@ -114,6 +125,7 @@ recorder = Recorder()
 def _start(environment, **_) -> None:
     global scenario
     scenario = Scenario(environment.parsed_options)
+    recorder.track_cpu = bool(int(getattr(environment.parsed_options, "client_cpu", 0) or 0))
     recorder.reset()
 
 
@@ -132,6 +144,9 @@ def _write_summary(environment, **_) -> None:
     target = getattr(environment.parsed_options, "summary_json", "")
     if target:
         summary = summarize(recorder.rows, recorder.end - recorder.start, recorder.errors)
+        if recorder.track_cpu:
+            seconds = max(recorder.end - recorder.start, 1e-9)
+            summary["client_cpu"] = round((recorder.cpu_end - recorder.cpu_start) / seconds, 4)
         write_json(target, {**summary, "sent": recorder.sent})
 
 

@@ -19,7 +19,9 @@ wrk's own CPU share is reported. Each point is the median over the repeats, whic
 model_store/<name>.mar (`make pipeline`) and ResNet-18 (bench.heavy in configs/loadtest.yaml;
 trained once for one epoch into logs/bench/, its archive rebuilt from the current handlers and
 `serve:` section on every run). The report's goals are bench.goals in configs/loadtest.yaml; README
-"Performance" explains the results. Locust stays for the scenario load test (`make loadtest`).
+"Performance" explains the results. Locust stays for the scenario load test (`make loadtest`); the
+report also shows it beside wrk against the shipped TorchServe at bench.locust_connections (those wrk
+measured too: raw PNG bodies, no wait), with each client's CPU share (--no-locust leaves it out).
 """
 
 import argparse
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, help="measurements per point (default bench.repeats)")
     parser.add_argument("--no-fastapi", action="store_true", help="leave out the FastAPI comparison")
     parser.add_argument("--no-litserve", action="store_true", help="leave out the LitServe comparison")
+    parser.add_argument("--no-locust", action="store_true", help="leave out Locust beside wrk (tuned TorchServe)")
     parser.add_argument("--retrain", action="store_true", help="train the heavy model again")
     parser.add_argument("--out", help="report directory (default bench.out)")
     args = parser.parse_args(argv)
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         benchmark(
             cfg, args.overrides, args.models, args.quick, args.sweep, args.variants, args.connections, args.repeats,
             peers=peers, retrain=args.retrain, out=args.out,
-            command=" ".join(sys.argv[1:] if argv is None else argv),
+            command=" ".join(sys.argv[1:] if argv is None else argv), with_locust=not args.no_locust,
         )  # fmt: skip
 
 

@@ -1,8 +1,19 @@
-"""The benchmark's load generator (bench/wrk.py): a real wrk against the session's real TorchServe."""
+"""The benchmark's load generators (bench/wrk.py, bench/locust.py): a real wrk against the session's real
+TorchServe; wrk then Locust against the shipped settings over the session's archive, as `make bench` runs them."""
+
+import os
 
 import pytest
+from omegaconf import OmegaConf
 
 from bench import wrk
+from bench.measure import measure
+from bench.models import Model
+from bench.report import report
+from bench.run import Plan
+from bench.servers import Server
+from common.config import load_config
+from servers.torchserve import CONFIG_PROPERTIES
 from tests.client import png
 
 pytestmark = pytest.mark.server
@@ -33,6 +44,41 @@ def test_wrk_paced_run_sends_and_answers(server, cfg, bodies):
     url = f"{server.url('inference')}/predictions/{cfg.name}"
     r = wrk.run(url, server.headers(), bodies, connections=8, seconds=2, rate=40)
     assert r["requests"] > 0 and r["errors"] == 0 and r["rate"] == 40, r
+
+
+def test_bench_runs_locust_beside_wrk_on_the_shipped_server_and_reports_both(cfg, mar, bodies, tmp_path):
+    """`make bench --quick` in small, the shipped ("tuned") server alone on the session's archive: wrk at 2
+    connections, then Locust at 2 users beside it (3 is left out: wrk did not measure it); the report's
+    "Locust vs wrk" table. No timing asserts: only that both clients answered and measured their own CPU."""
+    bench = load_config(config_name="loadtest").bench
+    plan = Plan.of(bench, quick=True, connections=[2], repeats=1, sweep=False)
+    plan.run_time_s, plan.warmup_s, plan.batch_sizes, plan.rates = 2, 1, [], []
+    plan.locust_connections = [2, 3]
+    model = Model(str(cfg.name), cfg, mar, bodies)
+    results = {"runs": [], "open": [], "ready": [], "inprocess": [], "locust": [], "errors": []}
+    measure(model, [Server("tuned", [2], [], mar.parent, CONFIG_PROPERTIES)], plan, tmp_path, results)
+    assert results["errors"] == []
+    cores = os.cpu_count() or 1
+    (row,) = results["locust"]
+    assert row["server"] == "tuned" and row["connections"] == 2, row
+    assert row["count"] > 0 and row["failures"] == 0 and row["rps"] > 0, row
+    assert 0 < row["p50_ms"] <= row["p99_ms"] and 0 < row["client_cpu"] < cores, row
+    assert row["wrk"]["rps"] > 0 and row["wrk"]["failures"] == 0 and 0 <= row["wrk"]["client_cpu"] < cores, row
+    meta = dict.fromkeys(("date", "args", "machine", "torch", "torchserve", "wrk", "locust", "note"), "")
+    meta |= dict.fromkeys(("minutes", "load_start", "load_end", "load_median"), 0.0)
+    meta |= {"run_time_s": 2, "repeats": 1, "paced_connections": 2, "cores": cores, "stock": "", "tuned": ""}
+    meta["goals"] = OmegaConf.to_container(bench.goals, resolve=True)
+    text = report({**results, "meta": meta}, [model.key], ["tuned"], None)
+    table = text[text.index("Locust vs wrk (tuned TorchServe)") :]
+    assert "| 2 | " in table and "| 3 | " not in table and "At 2 connections Locust used" in table, table
+
+
+def test_bench_plan_takes_locust_counts_from_the_config_unless_left_out():
+    bench = load_config(config_name="loadtest").bench
+    assert Plan.of(bench, False, None, None, False).locust_connections == list(bench.locust_connections)
+    assert Plan.of(bench, True, None, None, False).locust_connections == list(bench.quick.locust_connections)
+    assert Plan.of(bench, False, None, None, False, with_locust=False).locust_connections == []
+    assert Plan.of(bench, False, None, None, True).locust_connections == []  # --sweep: candidates only
 
 
 def test_the_fastapi_peer_sets_tcp_nodelay_on_sockets_uvicorn_workers_bind(monkeypatch):
