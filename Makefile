@@ -23,7 +23,7 @@ serve: $(STAMP) pipeline  ## build everything that changed, then serve it (Ctrl-
 
 # The whole suite must keep coverage at the floor (the figure when it was set; raise it, never lower it).
 # A subset (ARGS=tests/...) reports coverage without the floor.
-COVERAGE_FLOOR := 65
+COVERAGE_FLOOR := 75
 test: $(STAMP)  ## the whole test suite, with coverage (ARGS=tests/test_unit_serving.py: a subset)
 	$(PY) -m pytest --cov --cov-report=term-missing:skip-covered $(if $(ARGS),,--cov-fail-under=$(COVERAGE_FLOOR)) $(ARGS)
 

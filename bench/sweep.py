@@ -16,6 +16,7 @@ SWEEP: list[tuple[str, dict, dict]] = [
     ("batch 8", {"batchSize": 8}, {}),
     ("batch 16", {"batchSize": 16}, {}),
     ("batch 32", {"batchSize": 32}, {}),
+    ("delay 0 ms", {"maxBatchDelay": 0}, {}),
     ("delay 1 ms", {"maxBatchDelay": 1}, {}),
     ("delay 10 ms", {"maxBatchDelay": 10}, {}),
     ("2 workers", {"minWorkers": 2, "maxWorkers": 2}, {}),
