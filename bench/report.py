@@ -115,9 +115,8 @@ def locust_table(results: dict, model: str, cores: int) -> list[str]:
 
     for c, m in rows.items():
         w = m["wrk"]
-        ratio = f"{m['rps'] / w['rps']:.2f}×" if w["rps"] else ""
         lines.append(
-            f"| {c} | {cell(w)} | {cell(m)} | {ratio} | {w['failures']} · {m['failures']} | "
+            f"| {c} | {cell(w)} | {cell(m)} | {times(m, w)} | {w['failures']} · {m['failures']} | "
             f"{w['client_cpu']:.2f} · {m['client_cpu']:.2f} |"
         )
     c, m = max(rows.items())
@@ -126,7 +125,7 @@ def locust_table(results: dict, model: str, cores: int) -> list[str]:
         lines += [
             "",
             f"At {c} connection{'s' if c != 1 else ''} Locust used {m['client_cpu']:.2f} of a core and wrk "
-            f"{w['client_cpu']:.2f}; Locust measured {m['rps']:.0f} req/s, {m['rps'] / w['rps']:.2f}× what wrk "
+            f"{w['client_cpu']:.2f}; Locust measured {m['rps']:.0f} req/s, {times(m, w)} what wrk "
             f"measured ({w['rps']:.0f}), p99 {m['p99_ms']:.1f} ms against wrk's {w['p99_ms']:.1f} ms.",
         ]
     return lines
