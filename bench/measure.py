@@ -17,10 +17,14 @@ import torch
 from bench import locust, wrk
 from bench.models import BenchError, Model, log
 from bench.servers import Running, Server, start
+from servers.drain import counters
 from servers.fastapi import load_classifier
 from servers.process import ServerError
 
 BODIES = 256  # distinct test-set images wrk sends in turn
+# TorchServe's own clock, summed in microseconds: from the parsed request to its answer, and the part before a
+# worker took it (the batch delay included: the frontend stamps a batch's jobs after gathering it)
+LATENCY, QUEUE = "ts_inference_latency_microseconds", "ts_queue_latency_microseconds"
 
 
 def cpu_seconds(pid: int, recursive: bool = True) -> float:
@@ -116,6 +120,7 @@ def under_load(model: Model, running: Running, connections: int, seconds: float,
     """One wrk measurement: throughput, latency, errors, the client's CPU share, and the server's CPU time per
     request (all its processes, and the handler's processes alone)."""
     pid = running.process.pid
+    clock = counters(running.metrics, (LATENCY, QUEUE)) if running.metrics else None
     load1, cpu, worker = os.getloadavg()[0], cpu_seconds(pid), worker_cpu_seconds(pid)
     r = load(model, running, connections, seconds, rate)
     answered = max(1, r["requests"])
@@ -124,6 +129,12 @@ def under_load(model: Model, running: Running, connections: int, seconds: float,
     row = {"connections": connections, "rate": rate, "load1": load1, "count": r["requests"], "failures": r["errors"]}
     row.update({k: r[k] for k in ("rps", "p50_ms", "p90_ms", "p99_ms", "client_cpu")}, cpu_ms=cpu_ms)
     row["worker_cpu_ms"] = worker_ms
+    after = counters(running.metrics, (LATENCY, QUEUE)) if clock else None
+    if clock and after:  # mean ms per answered request on TorchServe's clock (refusals never reach it)
+        inferred = max(1, r["requests"] - r["errors"])
+        row.update(
+            {f"ts_{k}_ms": (after[n] - clock[n]) / 1e3 / inferred for k, n in (("latency", LATENCY), ("queue", QUEUE))}
+        )
     drain(model, running)
     what = f"{rate:5.0f}/s paced" if rate else f"{connections:>3} connections"
     log(

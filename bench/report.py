@@ -17,6 +17,9 @@ def median_rows(results: dict, model: str) -> dict[tuple[str, int], dict]:
         keys = ("rps", "p50_ms", "p90_ms", "p99_ms", "cpu_ms", "worker_cpu_ms", "client_cpu")
         out[key] = {k: statistics.median(r[k] for r in rows) for k in keys}
         out[key].update(failures=sum(r["failures"] for r in rows), n=len(rows))
+        for k in ("ts_latency_ms", "ts_queue_ms"):  # TorchServe's own clock, where it was read
+            if values := [r[k] for r in rows if k in r]:
+                out[key][k] = statistics.median(values)
     return out
 
 
@@ -131,6 +134,36 @@ def locust_table(results: dict, model: str, cores: int) -> list[str]:
     return lines
 
 
+def floor_table(results: dict, model: str, delay_ms: object) -> list[str]:
+    """Where a lone request's time goes on the shipped server: wrk's mean at 1 connection split by TorchServe's
+    own latency counters and the CPU the worker spent, beside the serving core alone and FastAPI."""
+    medians = median_rows(results, model)
+    one, fast = medians.get(("tuned", 1)), medians.get((FASTAPI, 1))
+    core = inprocess_medians(results, model).get(1)
+    if not one or "ts_latency_ms" not in one or not one["rps"]:
+        return []
+    mean, latency, queue = 1e3 / one["rps"], one["ts_latency_ms"], one["ts_queue_ms"]
+    rows = [
+        ("the whole round trip, as wrk sees it (mean = 1 / req/s: one connection, no wait)", mean),
+        ("outside TorchServe's clock: wrk, loopback TCP, the frontend's HTTP parsing and writing", mean - latency),
+        (f"queued in the frontend, with the batch delay (maxBatchDelay {delay_ms} ms)", queue),
+        ("frontend → worker socket → worker → frontend, handler included", latency - queue),
+        ("... of it, the Python worker's CPU (TorchServe's protocol and metrics, the handler)", one["worker_cpu_ms"]),
+        ("... of that, the serving core alone (in-process, batch 1, p50 per call)", core["p50_ms"] if core else None),
+        ("the Java frontend's CPU per request, all its threads", one["cpu_ms"] - one["worker_cpu_ms"]),
+    ]
+    if fast and fast["rps"]:
+        rows.append(("FastAPI's whole round trip at 1 connection, for comparison (mean)", 1e3 / fast["rps"]))
+    lines = [
+        "",
+        "Where a lone request's time goes (tuned, 1 connection; ms per request, medians over the repeats):",
+        "",
+    ]
+    lines += ["| part | ms |", "| --- | ---: |"]
+    lines += [f"| {name} | {value:.2f} |" for name, value in rows if value is not None]
+    return lines
+
+
 def report(results: dict, models: list[str], servers: list[str], heavy: str | None) -> str:
     meta = results["meta"]
     lines = [
@@ -212,6 +245,7 @@ def report(results: dict, models: list[str], servers: list[str], heavy: str | No
                     fail = f" ({m['failures']:.0f} errors)" if m and m["failures"] else ""
                     cells.append(f"{m['rps']:.0f} · {m['p50_ms']:.1f} / {m['p99_ms']:.1f}{fail}" if m else "")
                 lines.append(f"| {r:.0f} | " + " | ".join(cells) + " |")
+        lines += floor_table(results, model, meta.get("delay_ms", "?"))
         lines += locust_table(results, model, meta["cores"])
         ready = {}
         for row in results["ready"]:

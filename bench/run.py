@@ -134,6 +134,7 @@ def benchmark(
         "stock": f"one worker per core ({os.cpu_count()}), batchSize 1, maxBatchDelay 100, torch threads "
         f"{default_threads}, log metrics, system metrics, synchronous logging",
         "tuned": describe(tuned_config, tuned_props),
+        "delay_ms": tuned_config.get("maxBatchDelay", "?"),
         "goals": goals,
     }
     if sweep:

@@ -43,6 +43,7 @@ class Running:
     token: str
     ready_s: float
     process: Process  # its process tree's CPU time is the server's cost
+    metrics: str = ""  # TorchServe's Prometheus endpoint: its own latency counters
 
 
 def write_stock_properties(path: Path) -> Path:
@@ -104,5 +105,5 @@ def start(model: Model, server: Server, workdir: Path) -> Running:
             if attempt < 2 and "in use" in str(err):
                 continue
             raise
-        return Running(ts.url("inference"), ts.key() or "", seconds, ts)
+        return Running(ts.url("inference"), ts.key() or "", seconds, ts, f"{ts.url('metrics')}/metrics")
     raise AssertionError("unreachable")

@@ -28,6 +28,9 @@ SWEEP: list[tuple[str, dict, dict]] = [
     ("system metrics off", {}, {"disable_system_metrics": "true"}),
     ("system metrics on", {}, {"disable_system_metrics": "false"}),
     ("JVM serial GC", {}, {"vmargs": "-XX:+UseSerialGC -XX:+ExitOnOutOfMemoryError"}),
+    ("JVM C1 JIT only", {}, {"vmargs": "-XX:TieredStopAtLevel=1 -XX:+ExitOnOutOfMemoryError"}),
+    ("queue 50", {}, {"job_queue_size": "50"}),
+    ("queue 500", {}, {"job_queue_size": "500"}),
     ("quiet frontend logging", {}, {"vmargs": "-Dlog4j.configurationFile=file://{workdir}/log4j2-quiet.xml"}),
 ]
 # TorchServe's own log4j2.xml minus the per-request lines: no access log, no DEBUG/INFO from the frontend.

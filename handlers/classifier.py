@@ -150,11 +150,13 @@ class ImageClassifier:
 
     def predict(self, images: list[torch.Tensor]) -> torch.Tensor:
         """Class probabilities [N, classes]; images of one size run as one batch."""
-        probs = torch.empty(len(images), len(self.labels))
         by_size: dict[tuple, list[int]] = {}
         for i, img in enumerate(images):
             by_size.setdefault(tuple(img.shape), []).append(i)
         with torch.inference_mode():
+            if len(by_size) == 1:  # the usual batch: one forward, nothing to put back in order
+                return self.model(torch.stack(images)).float().cpu()
+            probs = torch.empty(len(images), len(self.labels))
             for idx in by_size.values():
                 probs[idx] = self.model(torch.stack([images[i] for i in idx])).float().cpu()
         return probs

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import time
 from collections import Counter
 
 import torch
@@ -11,6 +12,7 @@ from ts.metrics.metric_type_enum import MetricTypes
 from handlers.classifier import Batch, ImageClassifier, Settings
 
 log = logging.getLogger(__name__)
+GAUGE_EVERY_S = 1.0  # the timing gauges' sampling period: a gauge keeps only its last value between scrapes
 
 
 def payload(row: dict) -> object:
@@ -27,6 +29,7 @@ class Handler:
     def __init__(self) -> None:
         self.classifier: ImageClassifier | None = None
         self.drift_emitted_at = -1  # the drift window's `scored_at` when DriftScore was last emitted
+        self.gauges_at = -float("inf")  # time.monotonic() when the timing gauges were last emitted
 
     def initialize(self, context) -> None:
         props = context.system_properties
@@ -57,7 +60,8 @@ class Handler:
 
         Once per batch, not per image: every metric is a log line the worker writes and the frontend parses,
         tagged with the batch's first request id (TorchServe's default tags each line with all of them).
-        DriftScore goes out when the scores were recomputed (every 16 images), not with every batch."""
+        Counters and histograms count every batch; the timing gauges (last value wins) are sampled: at most
+        one line each per GAUGE_EVERY_S. DriftScore goes out when the scores were recomputed (every 16 images)."""
         if metrics is None:
             return
         dims = [Dimension("ModelName", self.classifier.name), Dimension("Level", "Model")]
@@ -65,8 +69,12 @@ class Handler:
         def emit(name: str, value: float, unit: str, kind: MetricTypes, extra: list[Dimension] = ()) -> None:
             metrics.add_metric(name, value, unit, idx=0, dimensions=[*dims, *extra], metric_type=kind)
 
-        emit("DecodeTime", batch.decode_ms, "ms", MetricTypes.GAUGE)
-        emit("InferenceTime", batch.inference_ms, "ms", MetricTypes.GAUGE)
+        now = time.monotonic()
+        gauges = now - self.gauges_at >= GAUGE_EVERY_S
+        if gauges:
+            self.gauges_at = now
+            emit("DecodeTime", batch.decode_ms, "ms", MetricTypes.GAUGE)
+            emit("InferenceTime", batch.inference_ms, "ms", MetricTypes.GAUGE)
         emit("BatchSize", len(batch.results), "count", MetricTypes.HISTOGRAM)
         for label, count in Counter(label for label, _ in batch.top).items():
             emit("Predictions", count, "count", MetricTypes.COUNTER, [Dimension("Label", label)])
@@ -75,7 +83,8 @@ class Handler:
         if not batch.top:
             return
         emit("TopConfidence", sum(p for _, p in batch.top) / len(batch.top), "ratio", MetricTypes.HISTOGRAM)
-        emit("DriftTime", batch.drift_ms, "ms", MetricTypes.GAUGE)
+        if gauges:
+            emit("DriftTime", batch.drift_ms, "ms", MetricTypes.GAUGE)
         drift = self.classifier.drift
         scores = drift.scores() if drift else None
         if scores and drift.scored_at != self.drift_emitted_at:

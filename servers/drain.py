@@ -29,19 +29,26 @@ TIMEOUT_S = 6.0  # drain at most this long: with the frontend's ~2 s stop, insid
 STOP_S = 30.0  # after the drain, how long the frontend may take to exit before it is killed
 
 
-def activity(metrics_url: str) -> float | None:
-    """The sum of the arrival and response counters; None when the metrics endpoint does not answer."""
+def counters(metrics_url: str, names: tuple[str, ...] = COUNTERS) -> dict[str, float] | None:
+    """The Prometheus metrics of these names, each summed over its labels (absent: 0); None when the metrics
+    endpoint does not answer."""
     try:
         with urllib.request.urlopen(metrics_url, timeout=2) as response:
             text = response.read().decode()
     except OSError:
         return None
-    total = 0.0
+    found = dict.fromkeys(names, 0.0)
     for line in text.splitlines():
         name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in COUNTERS:
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+        if name in found:
+            found[name] += float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def activity(metrics_url: str) -> float | None:
+    """The sum of the arrival and response counters; None when the metrics endpoint does not answer."""
+    found = counters(metrics_url)
+    return None if found is None else sum(found.values())
 
 
 def wait_idle(metrics_url: str, quiet: float = QUIET_S, timeout: float = TIMEOUT_S, poll: float = 0.05) -> bool:

@@ -1,6 +1,7 @@
 """What the benchmark's peers share: the serving core under another HTTP server, run as a child process on a
 free loopback port with its own bearer token; the app finds the archive and the token in its environment."""
 
+import functools
 import json
 import os
 import secrets
@@ -15,9 +16,15 @@ from training.archive import unpack
 MAR, MODEL_DIR, TOKEN = "PEER_MAR", "PEER_MODEL_DIR", "PEER_TOKEN"  # what the apps read
 
 
+@functools.cache
+def bearer() -> str:
+    """The Authorization header this app accepts: its token is fixed for the life of the process."""
+    return f"Bearer {os.environ[TOKEN]}"
+
+
 def authorized(headers) -> bool:
     """The request carries this peer's token, as TorchServe's token authorization expects it."""
-    return headers.get("authorization") == f"Bearer {os.environ[TOKEN]}"
+    return headers.get("authorization") == bearer()
 
 
 def json_response(body: dict, status: int = 200):

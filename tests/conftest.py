@@ -12,6 +12,7 @@ from PIL import Image
 from common.config import ROOT, load_config
 from handlers import files, runtime
 from handlers.classifier import Settings
+from handlers.decode import decode_image
 from servers.torchserve import TorchServe
 from tests import client
 from training.archive import unpack
@@ -85,6 +86,17 @@ def model_file(cfg, metrics) -> Path:
 def shipped(cfg, model_file) -> runtime.Model:
     """The file the archive ships (`export.variant`), loaded as the handler loads it: what served answers match."""
     return runtime.load(Path(cfg.paths.artifacts) / files.VARIANTS[cfg.export.variant])
+
+
+@pytest.fixture(scope="session")
+def offline_top1(cfg, shipped):
+    """offline_top1(image bytes) -> the class index the shipped file gives the image those bytes decode to."""
+
+    def top1(data: bytes) -> int:
+        with torch.no_grad():
+            return int(shipped(decode_image(data, cfg.serve.handler.max_pixels)[None]).argmax(1))
+
+    return top1
 
 
 @pytest.fixture(scope="session")

@@ -53,6 +53,8 @@ def test_archive_without_export_fails_before_writing(tmp_path):
         archive(cfg)
     with pytest.raises(ArchiveError, match="unknown export.variant 'tensorrt'"):
         archive(OmegaConf.merge(cfg, {"export": {"variant": "tensorrt"}}))
+    with pytest.raises(ArchiveError, match="max_batch_delay_ms=0: use 1 or more"):
+        archive(OmegaConf.merge(cfg, {"serve": {"max_batch_delay_ms": 0}}))
     assert not (tmp_path / "store").exists()
 
 

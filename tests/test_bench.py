@@ -47,17 +47,20 @@ def test_wrk_paced_run_sends_and_answers(server, cfg, bodies):
 
 
 def test_bench_runs_locust_beside_wrk_on_the_shipped_server_and_reports_both(cfg, mar, bodies, tmp_path):
-    """`make bench --quick` in small, the shipped ("tuned") server alone on the session's archive: wrk at 2
+    """`make bench --quick` in small, the shipped ("tuned") server alone on the session's archive: wrk at 1 and 2
     connections, then Locust at 2 users beside it (3 is left out: wrk did not measure it); the report's
-    "Locust vs wrk" table. No timing asserts: only that both clients answered and measured their own CPU."""
+    "Locust vs wrk" table, and the split of a lone request's time from TorchServe's own latency counters.
+    No timing asserts: only that both clients answered and measured their own CPU, and the clock's parts add up."""
     bench = load_config(config_name="loadtest").bench
-    plan = Plan.of(bench, quick=True, connections=[2], repeats=1, sweep=False)
+    plan = Plan.of(bench, quick=True, connections=[1, 2], repeats=1, sweep=False)
     plan.run_time_s, plan.warmup_s, plan.batch_sizes, plan.rates = 2, 1, [], []
     plan.locust_connections = [2, 3]
     model = Model(str(cfg.name), cfg, mar, bodies)
     results = {"runs": [], "open": [], "ready": [], "inprocess": [], "locust": [], "errors": []}
-    measure(model, [Server("tuned", [2], [], mar.parent, CONFIG_PROPERTIES)], plan, tmp_path, results)
+    measure(model, [Server("tuned", [1, 2], [], mar.parent, CONFIG_PROPERTIES)], plan, tmp_path, results)
     assert results["errors"] == []
+    for run in results["runs"]:  # TorchServe's clock: the queue is part of the server's time, both inside wrk's
+        assert 0 < run["ts_queue_ms"] < run["ts_latency_ms"] < run["connections"] / run["rps"] * 1e3, run
     cores = os.cpu_count() or 1
     (row,) = results["locust"]
     assert row["server"] == "tuned" and row["connections"] == 2, row
@@ -67,10 +70,13 @@ def test_bench_runs_locust_beside_wrk_on_the_shipped_server_and_reports_both(cfg
     meta = dict.fromkeys(("date", "args", "machine", "torch", "torchserve", "wrk", "locust", "note"), "")
     meta |= dict.fromkeys(("minutes", "load_start", "load_end", "load_median"), 0.0)
     meta |= {"run_time_s": 2, "repeats": 1, "paced_connections": 2, "cores": cores, "stock": "", "tuned": ""}
+    meta["delay_ms"] = 1
     meta["goals"] = OmegaConf.to_container(bench.goals, resolve=True)
     text = report({**results, "meta": meta}, [model.key], ["tuned"], None)
     table = text[text.index("Locust vs wrk (tuned TorchServe)") :]
     assert "| 2 | " in table and "| 3 | " not in table and "At 2 connections Locust used" in table, table
+    split = text[text.index("Where a lone request's time goes") : text.index("Locust vs wrk")]
+    assert "| the whole round trip, as wrk sees it" in split and "maxBatchDelay 1 ms" in split, split
 
 
 def test_bench_plan_takes_locust_counts_from_the_config_unless_left_out():

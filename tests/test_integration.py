@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from common import apt
-from handlers.decode import decode_image
 from tests import client
 from tests.client import png
 from training.data import read_meta
@@ -18,23 +17,17 @@ from training.variants import as_rgb
 pytestmark = pytest.mark.server
 
 
-def offline_top1(shipped, data: bytes, max_pixels: int) -> int:
-    """What the archive's model file predicts, offline, for the image these bytes decode to."""
-    with torch.no_grad():
-        return int(shipped(decode_image(data, max_pixels)[None]).argmax(1))
-
-
 @pytest.mark.parametrize(
     ("fmt", "scale", "content_type"),
     [("PNG", 1, "image/png"), ("JPEG", 1, "image/jpeg"), ("PNG", 5, "image/png"), ("JPEG", 9, "image/jpeg")],
 )
-def test_served_top1_equals_offline_prediction(post, cfg, shipped, test_split, fmt, scale, content_type):
+def test_served_top1_equals_offline_prediction(post, cfg, offline_top1, test_split, fmt, scale, content_type):
     images, _ = test_split
     for image in images[:10]:
         data = png(image, fmt, scale)
         status, body = post(data, content_type)
         assert status == 200, body
-        assert body["top_k"][0]["index"] == offline_top1(shipped, data, cfg.serve.handler.max_pixels)
+        assert body["top_k"][0]["index"] == offline_top1(data)
         assert body["model"] == cfg.name
 
 

@@ -17,7 +17,7 @@ from handlers import files
 from handlers.classifier import ImageClassifier
 from handlers.decode import InputError
 from handlers.drift import FEATURES, DriftMonitor, Reference
-from handlers.handler import Handler
+from handlers.handler import GAUGE_EVERY_S, Handler
 from tests.client import close, png
 from training.archive import model_config
 
@@ -255,7 +255,35 @@ def test_handler_emits_metrics_once_per_batch(adapter, caplog):
     assert named(small, "DriftScore") == [] and named(batch(every - 2)[0], "DriftScore") == []  # no rescore yet
     large = batch(every)[0]
     assert len(named(large, "DriftScore")) == len(named(lines, "DriftScore"))
-    assert len(small) == len(large) - len(named(large, "DriftScore"))  # per batch, not per image
+
+    def counted(lines: list[str]) -> int:  # DriftScore and the timing gauges go out on their own schedules
+        return len(lines) - sum(len(named(lines, name)) for name in ("DriftScore", *TIMING_GAUGES))
+
+    assert counted(small) == counted(large)  # per batch, not per image
+
+
+TIMING_GAUGES = ("DecodeTime", "InferenceTime", "DriftTime")
+
+
+def test_timing_gauges_are_sampled_and_counts_are_not(adapter, caplog):
+    """The timing gauges go out at most once per GAUGE_EVERY_S; BatchSize, Predictions and TopConfidence
+    with every batch, so counts stay exact."""
+    handler, context = adapter
+
+    def emitted() -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="ts.metrics.caching_metric"):
+            handler.handle([{"body": png(solid(RED))}], context)
+        lines = [r.getMessage() for r in caplog.records if "[METRICS]" in r.getMessage()]
+        return [line.split("[METRICS]")[1].split(".")[0] for line in lines]
+
+    first, second = emitted(), emitted()
+    handler.gauges_at -= GAUGE_EVERY_S  # as if a period had passed
+    third = emitted()
+    for names in (first, second, third):
+        assert {"BatchSize", "Predictions", "TopConfidence"} <= set(names)
+    assert set(TIMING_GAUGES) <= set(first) and set(TIMING_GAUGES) <= set(third)
+    assert not set(TIMING_GAUGES) & set(second)
 
 
 def test_drift_window_keeps_the_last_images():

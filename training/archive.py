@@ -99,6 +99,11 @@ def archive(cfg: DictConfig) -> Path:
     variant = cfg.export.variant
     if variant not in files.VARIANTS:
         raise ArchiveError(f"unknown export.variant {variant!r}: one of {', '.join(files.VARIANTS)}")
+    if cfg.serve.max_batch_delay_ms < 1:
+        raise ArchiveError(
+            f"serve.max_batch_delay_ms={cfg.serve.max_batch_delay_ms}: use 1 or more "
+            "(TorchServe reads 0 as unset and waits its default 100 ms for every batch)"
+        )
     model, labels, reference = (artifacts / f for f in (files.VARIANTS[variant], files.LABELS, files.REFERENCE))
     for path in (model, labels, reference):
         if not path.is_file():
