@@ -21,7 +21,7 @@ from scripts.container import main as container_main
 from servers import container
 from servers.container import Container
 from servers.process import free_port
-from servers.torchserve import read_properties
+from servers.torchserve import CONFIG_PROPERTIES, read_properties
 from tests.client import call, parsed, png
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +46,14 @@ def test_dockerfile_defaults_match_the_config(cfg, capsys):
     for key in ("management_address", "metrics_address"):
         assert props[key].startswith("http://127.0.0.1:"), key
     assert props["disable_token_authorization"] == "true"  # Cloud Run IAM authenticates instead
+
+
+def test_the_container_serves_with_the_bundles_performance_settings():
+    """docker/config.properties differs from config.properties in addresses and auth only: what `make bench`
+    tuned (queue, logging, workers, metrics) is the same in both."""
+    local, image = read_properties(CONFIG_PROPERTIES), read_properties(ROOT / "docker" / "config.properties")
+    for key in ("job_queue_size", "async_logging", "default_workers_per_model", "metrics_mode"):
+        assert image.get(key) == local.get(key), key
 
 
 def test_dockerignore_keeps_data_out():
