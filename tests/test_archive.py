@@ -1,4 +1,6 @@
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,22 @@ def test_archive_without_export_fails_before_writing(tmp_path):
     with pytest.raises(ArchiveError, match="max_batch_delay_ms=0: use 1 or more"):
         archive(OmegaConf.merge(cfg, {"serve": {"max_batch_delay_ms": 0}}))
     assert not (tmp_path / "store").exists()
+
+
+def test_archiving_leaves_the_shared_temp_folder_alone(cfg, mar, tmp_path):
+    """torch-model-archiver stages in <temp dir>/<model name> and deletes that folder first, so two builds of one
+    model at once deleted each other's files (two CI runs side by side failed so). Each build has its own."""
+    name = f"{cfg.name}-{os.getpid()}"
+    shared = Path(tempfile.gettempdir()) / name
+    (shared / "handlers").mkdir(parents=True, exist_ok=True)
+    (shared / "handlers" / "other_build.py").write_text("# another build's staging\n")
+    try:
+        paths = {"artifacts": str(cfg.paths.artifacts), "model_store": str(tmp_path)}
+        built = archive(OmegaConf.merge(cfg, {"name": name, "paths": paths}))
+        assert read_manifest(built)["model"]["modelName"] == name
+        assert (shared / "handlers" / "other_build.py").is_file()
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
 
 
 def test_a_write_that_fails_midway_leaves_the_previous_archive_intact(cfg, mar, tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ section. It refuses a model whose run it cannot identify unless `archive.require
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -138,7 +139,9 @@ def archive(cfg: DictConfig) -> Path:
             "--config-file", str(config),
             "--export-path", tmp,
         ]  # fmt: skip
-        run = subprocess.run(cmd, capture_output=True, text=True)
+        # the archiver stages in <temp dir>/<model name>, deleting it first: a private temp dir keeps two builds
+        # at once (two checkouts, CI runs side by side) from deleting each other's files
+        run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": tmp})
         if run.returncode != 0:
             raise ArchiveError(f"torch-model-archiver failed: {run.stderr.strip().splitlines()[-1:]}")
         built = Path(tmp) / f"{cfg.name}.mar"
