@@ -134,12 +134,12 @@ def locust_table(results: dict, model: str, cores: int) -> list[str]:
     return lines
 
 
-def floor_table(results: dict, model: str, delay_ms: object) -> list[str]:
+def floor_table(medians: dict[tuple[str, int], dict], inproc: dict[int, dict], delay_ms: object) -> list[str]:
     """Where a lone request's time goes on the shipped server: wrk's mean at 1 connection split by TorchServe's
-    own latency counters and the CPU the worker spent, beside the serving core alone and FastAPI."""
-    medians = median_rows(results, model)
+    own latency counters and the CPU the worker spent, beside the serving core alone and FastAPI (`medians` and
+    `inproc`: one model's median_rows and inprocess_medians)."""
     one, fast = medians.get(("tuned", 1)), medians.get((FASTAPI, 1))
-    core = inprocess_medians(results, model).get(1)
+    core = inproc.get(1)
     if not one or "ts_latency_ms" not in one or not one["rps"]:
         return []
     mean, latency, queue = 1e3 / one["rps"], one["ts_latency_ms"], one["ts_queue_ms"]
@@ -245,7 +245,7 @@ def report(results: dict, models: list[str], servers: list[str], heavy: str | No
                     fail = f" ({m['failures']:.0f} errors)" if m and m["failures"] else ""
                     cells.append(f"{m['rps']:.0f} · {m['p50_ms']:.1f} / {m['p99_ms']:.1f}{fail}" if m else "")
                 lines.append(f"| {r:.0f} | " + " | ".join(cells) + " |")
-        lines += floor_table(results, model, meta.get("delay_ms", "?"))
+        lines += floor_table(medians, inproc, meta.get("delay_ms", "?"))
         lines += locust_table(results, model, meta["cores"])
         ready = {}
         for row in results["ready"]:
