@@ -1,4 +1,5 @@
-"""What tests send: encoded images, and one HTTP helper for every server they start (TorchServe, the container)."""
+"""What tests send and read: encoded images, one HTTP helper for every server they start (TorchServe, the container),
+and the metric lines a handler logged."""
 
 import base64
 import http.client
@@ -83,6 +84,15 @@ def close(a: object, b: object, tol: float = 1e-4) -> bool:
     if isinstance(a, list | tuple) and isinstance(b, list | tuple):
         return len(a) == len(b) and all(close(x, y, tol) for x, y in zip(a, b, strict=True))
     return a == b
+
+
+def metric_lines(caplog) -> list[str]:
+    """The metric lines TorchServe's metric cache logged (the handler's and its own), as the frontend reads them."""
+    return [r.getMessage() for r in caplog.records if "[METRICS]" in r.getMessage()]
+
+
+def metric_name(line: str) -> str:
+    return line.split("[METRICS]")[1].split(".")[0]
 
 
 def png_header(width: int, height: int) -> bytes:

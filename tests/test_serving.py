@@ -12,7 +12,7 @@ import torch
 from handlers.classifier import ImageClassifier
 from handlers.decode import InputError, decode_image, images_in
 from handlers.handler import GAUGE_EVERY_S, Handler
-from tests.client import close, png
+from tests.client import close, metric_lines, metric_name, png
 from training.archive import handler_files, read_manifest, read_model_config
 
 
@@ -125,8 +125,8 @@ def test_handler_emits_the_declared_metrics(handler, context, test_split, caplog
     h.gauges_at -= GAUGE_EVERY_S
     with caplog.at_level(logging.INFO, logger="ts.metrics.caching_metric"):
         h.handle([{"body": png(test_split[0][0])}, {"body": b"junk"}], context)
-    lines = [r.getMessage() for r in caplog.records if "[METRICS]" in r.getMessage()]
-    emitted = {line.split("[METRICS]")[1].split(".")[0] for line in lines}
+    lines = metric_lines(caplog)
+    emitted = {metric_name(line) for line in lines}
     assert {"DecodeTime", "InferenceTime", "BatchSize", "TopConfidence", "Predictions", "RejectedRequests"} <= emitted
     assert any("Status:415" in line for line in lines)
 

@@ -18,7 +18,7 @@ from handlers.classifier import ImageClassifier
 from handlers.decode import InputError
 from handlers.drift import FEATURES, DriftMonitor, Reference
 from handlers.handler import GAUGE_EVERY_S, Handler
-from tests.client import close, png
+from tests.client import close, metric_lines, metric_name, png
 from training.archive import model_config
 
 LABELS = ["red", "green", "blue"]
@@ -221,8 +221,8 @@ def test_handler_emits_the_declared_metrics(adapter, caplog):
     handler, context = adapter
     with caplog.at_level(logging.INFO, logger="ts.metrics.caching_metric"):
         handler.handle([{"body": png(solid(RED))}, {"body": png(solid(RED))}, {"body": b"junk"}], context)
-    lines = [r.getMessage() for r in caplog.records if "[METRICS]" in r.getMessage()]
-    emitted = {line.split("[METRICS]")[1].split(".")[0] for line in lines}
+    lines = metric_lines(caplog)
+    emitted = {metric_name(line) for line in lines}
     want = {"DecodeTime", "InferenceTime", "BatchSize", "TopConfidence", "Predictions", "RejectedRequests", "DriftTime"}
     assert want <= emitted
     assert any("Predictions.Count:2" in line and "Label:red" in line for line in lines), lines
@@ -240,7 +240,7 @@ def test_handler_emits_metrics_once_per_batch(adapter, caplog):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="ts.metrics.caching_metric"):
             answers = [json.loads(a) for a in handler.handle([{"body": png(solid(RED))}] * n, context)]
-        return [r.getMessage() for r in caplog.records if "[METRICS]" in r.getMessage()], answers
+        return metric_lines(caplog), answers
 
     def named(lines: list[str], name: str) -> list[str]:
         return [line for line in lines if line.startswith(f"[METRICS]{name}.")]
@@ -274,8 +274,7 @@ def test_timing_gauges_are_sampled_and_counts_are_not(adapter, caplog):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="ts.metrics.caching_metric"):
             handler.handle([{"body": png(solid(RED))}], context)
-        lines = [r.getMessage() for r in caplog.records if "[METRICS]" in r.getMessage()]
-        return [line.split("[METRICS]")[1].split(".")[0] for line in lines]
+        return [metric_name(line) for line in metric_lines(caplog)]
 
     first, second = emitted(), emitted()
     handler.gauges_at -= GAUGE_EVERY_S  # as if a period had passed
