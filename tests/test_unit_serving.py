@@ -13,11 +13,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+import handlers.handler
 from handlers import files
 from handlers.classifier import ImageClassifier
 from handlers.decode import InputError
 from handlers.drift import FEATURES, DriftMonitor, Reference
-from handlers.handler import GAUGE_EVERY_S, Handler
+from handlers.handler import Handler
 from tests.client import close, metric_lines, metric_name, png
 from training.archive import model_config
 
@@ -265,10 +266,13 @@ def test_handler_emits_metrics_once_per_batch(adapter, caplog):
 TIMING_GAUGES = ("DecodeTime", "InferenceTime", "DriftTime")
 
 
-def test_timing_gauges_are_sampled_and_counts_are_not(adapter, caplog):
+def test_timing_gauges_are_sampled_and_counts_are_not(adapter, caplog, monkeypatch):
     """The timing gauges go out at most once per GAUGE_EVERY_S; BatchSize, Predictions and TopConfidence
-    with every batch, so counts stay exact."""
+    with every batch, so counts stay exact. The period is stretched to an hour: no pause between two calls
+    can reach it."""
     handler, context = adapter
+    monkeypatch.setattr(handlers.handler, "GAUGE_EVERY_S", 3600.0)
+    handler.gauges_at = -float("inf")  # nothing emitted yet
 
     def emitted() -> list[str]:
         caplog.clear()
@@ -277,7 +281,7 @@ def test_timing_gauges_are_sampled_and_counts_are_not(adapter, caplog):
         return [metric_name(line) for line in metric_lines(caplog)]
 
     first, second = emitted(), emitted()
-    handler.gauges_at -= GAUGE_EVERY_S  # as if a period had passed
+    handler.gauges_at -= handlers.handler.GAUGE_EVERY_S  # as if a period had passed
     third = emitted()
     for names in (first, second, third):
         assert {"BatchSize", "Predictions", "TopConfidence"} <= set(names)
