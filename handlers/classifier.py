@@ -8,13 +8,13 @@ only hands it uint8 RGB images and formats the answer.
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from handlers import files, runtime
-from handlers.decode import InputError, decode_request
+from handlers.decode import InputError, decode_batch
 from handlers.drift import DriftMonitor, Reference, features
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,27 @@ class Batch:
     top: list[tuple[str, float]] = field(default_factory=list)  # (label, probability) per answered image
 
 
+def pick(model_dir: Path, shipped: str, device: str) -> tuple[Path, torch.device, str]:
+    """The model file a worker given `device` runs and the device it runs on, with why when that is not `device`:
+    the shipped file where its variant runs there, else the portable model.pt where the archive has it."""
+    device, cpu = torch.device(device), torch.device("cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return (
+            model_dir / shipped,
+            cpu,
+            f"given {device}, but torch {torch.__version__} sees no CUDA device: serving on cpu",
+        )
+    variant = runtime.variant(model_dir / shipped)
+    name = files.for_device(variant, device.type)
+    if name == variant:
+        return model_dir / shipped, device, ""
+    portable = model_dir / files.MODEL
+    if name == files.PORTABLE and portable.is_file():
+        return portable, device, ""
+    why = f"given {device}, but {shipped} ({variant}) runs on {'/'.join(files.REGISTRY[variant].devices)} only"
+    return model_dir / shipped, cpu, f"{why} and the archive has no {files.MODEL} (archive.gpu_file): serving on cpu"
+
+
 def labels_in(model_dir: Path) -> list[str]:
     index = json.loads((model_dir / files.LABELS).read_text())
     return [index[str(i)] for i in range(len(index))]
@@ -91,10 +112,13 @@ class ImageClassifier:
         version: str = "",
         reference: Reference | None = None,
         lineage: dict | None = None,
+        note: str = "",
     ) -> None:
         self.settings, self.labels, self.name, self.version = settings, labels, name, version
         self.lineage = lineage or {"status": f"no {files.LINEAGE} in the archive"}  # run, data hash, git commit
         self.model = runtime.load(model_path, settings.device)
+        self.file, self.note = Path(model_path).name, note  # note: why the device is not the one the worker was given
+        self.jpeg_device = self.model.device if self.model.device.type == "cuda" else None  # nvJPEG there
         self.top_k = max(1, min(settings.top_k, len(labels)))
         drift = settings.drift
         self.drift = DriftMonitor(reference, drift["window"], drift["min_samples"]) if reference else None
@@ -105,7 +129,8 @@ class ImageClassifier:
     ) -> "ImageClassifier":
         """The model, labels, drift reference and lineage as an archive (or the export) lays them out in `model_dir`.
 
-        The model file: `model_file`, else the one the archive's manifest names, else the portable model.pt.
+        The model file: `model_file`, else the one the archive's manifest names, else the portable model.pt; on a
+        GPU, the portable model.pt where that file runs on CPUs only (`pick`).
         """
         model_dir = Path(model_dir)
         manifest = model_dir / files.MANIFEST
@@ -114,9 +139,15 @@ class ImageClassifier:
         ref, origin = model_dir / files.REFERENCE, model_dir / files.LINEAGE
         reference = Reference.load(ref) if ref.is_file() else None
         lineage = json.loads(origin.read_text()) if origin.is_file() else None
-        return cls(
-            model_dir / (model_file or files.MODEL), labels_in(model_dir), settings, name, version, reference, lineage
-        )
+        path, device, note = pick(model_dir, model_file or files.MODEL, settings.device)
+        settings = replace(settings, device=str(device))
+        return cls(path, labels_in(model_dir), settings, name, version, reference, lineage, note)
+
+    def served(self) -> dict:
+        """What this worker actually runs: the file, its variant, the device and the precision there."""
+        model = self.model
+        found = {"file": self.file, "variant": model.variant, "device": str(model.device), "precision": model.precision}
+        return {**found, "note": self.note} if self.note else found
 
     def drift_summary(self) -> dict:
         """This worker's drift scores against the archive's reference, and which are over the threshold."""
@@ -136,12 +167,11 @@ class ImageClassifier:
     def decode(self, payloads: list[object]) -> Decoded:
         """Every request's images; a bad request is recorded with its error and the others go on."""
         out = Decoded()
-        for r, payload in enumerate(payloads):
-            try:
-                images, many = decode_request(payload, self.settings.max_pixels)
-            except InputError as err:
-                out.errors[r] = err
+        for r, found in enumerate(decode_batch(payloads, self.settings.max_pixels, self.jpeg_device)):
+            if isinstance(found, InputError):
+                out.errors[r] = found
                 continue
+            images, many = found
             if many:
                 out.listed.add(r)
             out.images += images
@@ -153,12 +183,13 @@ class ImageClassifier:
         by_size: dict[tuple, list[int]] = {}
         for i, img in enumerate(images):
             by_size.setdefault(tuple(img.shape), []).append(i)
+        device = self.model.device  # on a GPU, JPEGs are there already and other formats go there
         with torch.inference_mode():
             if len(by_size) == 1:  # the usual batch: one forward, nothing to put back in order
-                return self.model(torch.stack(images)).float().cpu()
+                return self.model(torch.stack([img.to(device) for img in images])).float().cpu()
             probs = torch.empty(len(images), len(self.labels))
             for idx in by_size.values():
-                probs[idx] = self.model(torch.stack([images[i] for i in idx])).float().cpu()
+                probs[idx] = self.model(torch.stack([images[i].to(device) for i in idx])).float().cpu()
         return probs
 
     def track(self, images: list[torch.Tensor], probs: torch.Tensor) -> None:

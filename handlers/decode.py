@@ -2,13 +2,15 @@
 
 Accepted: raw image bytes, or JSON (parsed by TorchServe, or still bytes from a multipart field)
 {"data": "<base64>"} or {"instances": [{"b64": "<base64>"}, ...]}. Images become uint8 RGB
-tensors [3, H, W]; the pixel count is checked before any pixel is decoded.
+tensors [3, H, W]. Every file's header (format, pixel count, EXIF orientation) is checked on the CPU before any
+pixel is decoded; then Pillow decodes on the CPU, or, for a worker on a GPU, nvJPEG decodes its JPEGs there.
 """
 
 import base64
 import binascii
 import io
 import json
+import warnings
 
 import numpy as np
 import torch
@@ -31,8 +33,8 @@ class InputError(ValueError):
         self.status = status
 
 
-def decode_image(data: bytes, max_pixels: int) -> torch.Tensor:
-    """Image bytes -> uint8 RGB tensor [3, H, W], EXIF orientation applied."""
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """The header checks, before any pixel is decoded: an image, of an accepted format, within the pixel limit."""
     if not data:
         raise InputError("empty body: send an image")
     try:
@@ -48,18 +50,64 @@ def decode_image(data: bytes, max_pixels: int) -> torch.Tensor:
     width, height = img.size
     if width * height > max_pixels:
         raise InputError(f"image is {width}x{height} pixels, over the limit of {max_pixels}", 413)
+    return img
+
+
+def rotated(img: Image.Image) -> bool:
+    """Whether the EXIF orientation asks for a turn or a flip (most images have no orientation tag)."""
     try:
-        if img.getexif().get(ORIENTATION, 1) != 1:  # most images have no orientation tag: no transposed copy
+        return img.getexif().get(ORIENTATION, 1) != 1
+    except Exception as err:  # a corrupt EXIF block
+        raise InputError(f"corrupt {img.format} metadata: {err}") from None
+
+
+def pixels(img: Image.Image) -> torch.Tensor:
+    """An opened image -> uint8 RGB tensor [3, H, W], EXIF orientation applied, decoded by Pillow on the CPU."""
+    try:
+        if rotated(img):  # no transposed copy for the usual image
             img = ImageOps.exif_transpose(img)
         if img.mode.startswith("I"):  # 16-bit gray: keep the high byte; PIL's convert would clip at 255
             img = Image.fromarray((np.asarray(img, dtype=np.int64) >> 8).clip(0, 255).astype(np.uint8))
         rgb = img.convert("RGB")  # also decodes the first frame of an animation
         pixels = bytearray(rgb.tobytes())  # one copy, writable: no NumPy round trip
+    except InputError:
+        raise
     except Image.DecompressionBombError as err:
         raise InputError(f"image over the pixel limit: {err}", 413) from None
     except Exception as err:  # truncated or corrupt data: OSError, ValueError, SyntaxError, ...
         raise InputError(f"corrupt or truncated {img.format} image: {err}") from None
     return torch.frombuffer(pixels, dtype=torch.uint8).view(rgb.height, rgb.width, 3).permute(2, 0, 1)
+
+
+def decode_image(data: bytes, max_pixels: int) -> torch.Tensor:
+    """Image bytes -> uint8 RGB tensor [3, H, W], EXIF orientation applied."""
+    return pixels(open_image(data, max_pixels))
+
+
+def nvjpeg_can(img: Image.Image) -> bool:
+    """Whether nvJPEG gives what `pixels` gives: a JPEG in RGB or gray, not to be turned (nvJPEG ignores EXIF)."""
+    return img.format == "JPEG" and img.mode in ("RGB", "L") and not rotated(img)
+
+
+def decode_jpegs(blobs: list[bytes], device: torch.device) -> list[torch.Tensor | InputError]:
+    """JPEG files -> uint8 RGB tensors [3, H, W] on `device`, decoded as one batch (nvJPEG on a GPU). The batch
+    call answers all or nothing, so when it fails each file is decoded alone and a corrupt one fails alone."""
+    from torchvision.io import ImageReadMode, decode_jpeg  # deprecated in torchvision 0.29 for TorchCodec
+
+    data = [torch.frombuffer(bytearray(blob), dtype=torch.uint8) for blob in blobs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            pass
+        found: list[torch.Tensor | InputError] = []
+        for one in data:
+            try:
+                found.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError as err:
+                found.append(InputError(f"corrupt or truncated JPEG image: {str(err).splitlines()[0]}"))
+    return found
 
 
 def images_in(payload: object) -> tuple[list[bytes], bool]:
@@ -101,3 +149,38 @@ def decode_request(payload: object, max_pixels: int) -> tuple[list[torch.Tensor]
     """One request -> its decoded images and whether it asked for a list; InputError when it is bad."""
     blobs, many = images_in(payload)
     return [decode_image(blob, max_pixels) for blob in blobs], many
+
+
+def decode_batch(
+    payloads: list[object], max_pixels: int, jpeg_device: torch.device | None = None
+) -> list[tuple[list, bool] | InputError]:
+    """Every request's images and whether it asked for a list, or its InputError. With `jpeg_device` (a worker's
+    GPU), headers are checked first and the batch's plain JPEGs decode together onto it; the rest with Pillow."""
+    if jpeg_device is None:
+        out: list = []
+        for payload in payloads:
+            try:
+                out.append(decode_request(payload, max_pixels))
+            except InputError as err:
+                out.append(err)
+        return out
+    opened: list = []
+    jpegs: list[tuple[int, int, bytes]] = []  # (request, image, file) for nvJPEG
+    for r, payload in enumerate(payloads):
+        try:
+            blobs, many = images_in(payload)
+            images = [open_image(blob, max_pixels) for blob in blobs]
+            decoded = [None if nvjpeg_can(img) else pixels(img) for img in images]
+        except InputError as err:
+            opened.append(err)
+            continue
+        jpegs += [(r, i, blob) for i, (blob, done) in enumerate(zip(blobs, decoded, strict=True)) if done is None]
+        opened.append((decoded, many))
+    for (r, i, _), image in zip(jpegs, decode_jpegs([blob for *_, blob in jpegs], jpeg_device), strict=True):
+        if isinstance(opened[r], InputError):
+            continue  # another image of the same request failed first
+        if isinstance(image, InputError):
+            opened[r] = image
+        else:
+            opened[r][0][i] = image
+    return opened

@@ -15,7 +15,8 @@ FEATURES = ("brightness", "contrast", "sharpness", "width", "height")
 
 
 def features(images: list[torch.Tensor]) -> np.ndarray:
-    """uint8 RGB images [3, H, W] (any sizes) -> [N, len(FEATURES)]; vectorised per image size.
+    """uint8 RGB images [3, H, W] (any sizes) -> [N, len(FEATURES)]; vectorised per image size, computed on the
+    images' device (a GPU worker's decoded JPEGs stay there: only the features come back).
 
     brightness and contrast: mean and std of the gray image in [0, 1]; sharpness: mean absolute
     difference between neighbouring pixels, across and down; width and height in pixels.
@@ -23,14 +24,14 @@ def features(images: list[torch.Tensor]) -> np.ndarray:
     out = np.zeros((len(images), len(FEATURES)), dtype=np.float64)
     by_size: dict[tuple, list[int]] = {}
     for i, img in enumerate(images):
-        by_size.setdefault(tuple(img.shape), []).append(i)
-    for (_, h, w), idx in by_size.items():
-        gray = np.stack([images[i].cpu().numpy() for i in idx]).mean(axis=1, dtype=np.float32) / 255
-        across = np.abs(np.diff(gray, axis=2)).mean(axis=(1, 2)) if w > 1 else 0.0
-        down = np.abs(np.diff(gray, axis=1)).mean(axis=(1, 2)) if h > 1 else 0.0
-        out[idx, 0] = gray.mean(axis=(1, 2))
-        out[idx, 1] = gray.std(axis=(1, 2))
-        out[idx, 2] = across + down
+        by_size.setdefault((*img.shape, img.device), []).append(i)
+    for (_, h, w, device), idx in by_size.items():
+        gray = torch.stack([images[i].to(device) for i in idx]).float().mean(dim=1) / 255
+        zero = gray.new_zeros(len(idx))
+        across = (gray[:, :, 1:] - gray[:, :, :-1]).abs().mean(dim=(1, 2)) if w > 1 else zero
+        down = (gray[:, 1:] - gray[:, :-1]).abs().mean(dim=(1, 2)) if h > 1 else zero
+        stats = torch.stack([gray.mean(dim=(1, 2)), gray.std(dim=(1, 2), correction=0), across + down], dim=1)
+        out[idx, :3] = stats.cpu().numpy()
         out[idx, 3], out[idx, 4] = w, h
     return out
 

@@ -43,11 +43,17 @@ class Handler:
             props["model_dir"], settings, model["modelName"], model.get("modelVersion", ""), model["serializedFile"]
         )
         self.classifier.warm_up()
-        log.info("loaded %s on %s with %s", model["modelName"], settings.device, settings)
+        served = self.classifier.served()
+        log.info(
+            "serving %s %s: %s (%s) on %s, %s%s",
+            model["modelName"], model.get("modelVersion", ""), served["file"], served["variant"], served["device"],
+            served["precision"], f" ({served['note']})" if "note" in served else "",
+        )  # fmt: skip
 
     def handle(self, data: list[dict], context) -> list[str]:
         if context.get_request_header(0, "describe") == "True":  # GET /models/<name>?customized=true
-            return [json.dumps({"drift": self.classifier.drift_summary(), "lineage": self.classifier.lineage})]
+            described = {"served": self.classifier.served(), "drift": self.classifier.drift_summary()}
+            return [json.dumps({**described, "lineage": self.classifier.lineage})]
         batch = self.classifier.run([payload(row) for row in data])
         for idx, result in enumerate(batch.results):
             if result.status != 200:

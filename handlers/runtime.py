@@ -1,14 +1,19 @@
 """Load an exported model by what the file is: TorchScript (.pt), AOTInductor package (.pt2) or ONNX (.onnx).
 
-Every variant maps uint8 RGB images [B, 3, H, W] to class probabilities [B, classes]; `load` returns it
-as a callable with the device its inputs go to. All but the plain TorchScript file run on the CPU.
+Every variant maps uint8 RGB images [B, 3, H, W] to class probabilities [B, classes]; `load` returns it as a
+callable with the device its inputs go to and the precision it runs at there. A variant runs only on the
+devices it declares (handlers/files.py REGISTRY): asked for another, `load` refuses rather than quietly
+running somewhere else.
 """
 
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from handlers.files import REGISTRY
 
 KIND = "variant"  # a TorchScript file's extra file naming what kind it is
 FROZEN = "torchscript-frozen"
@@ -16,37 +21,56 @@ INT8 = "int8"
 
 
 class LoadError(RuntimeError):
-    """The model file cannot be loaded by any runtime the handler knows."""
+    """The model file cannot be loaded by any runtime the handler knows, or not on the device asked for."""
 
 
 @dataclass
 class Model:
     forward: Callable[[torch.Tensor], torch.Tensor]
     device: torch.device
-    runtime: str
+    variant: str
+    precision: str = "fp32"
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return self.forward(images.to(self.device).contiguous())  # compiled code assumes dense strides
+        images = images.to(self.device).contiguous()  # compiled code assumes dense strides
+        if self.precision != "bf16":
+            return self.forward(images)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16):
+            return self.forward(images)
 
 
-def load(path: Path | str, device: str | torch.device = "cpu") -> Model:
+def variant(path: Path) -> str:
+    """Which variant a model file is: a TorchScript file says so in an extra file, the others by their suffix."""
+    if path.suffix == ".pt":  # a zip: <name>/extra/<KIND> holds the kind, read without loading the model
+        with zipfile.ZipFile(path) as z:
+            kinds = [z.read(n).decode() for n in z.namelist() if n.endswith(f"/extra/{KIND}")]
+        return kinds[0] if kinds else "torchscript"
+    by_suffix = {".pt2": "aoti", ".onnx": "onnx"}
+    if path.suffix not in by_suffix:
+        raise LoadError(f"{path.name}: no runtime for '{path.suffix}' files (known: .pt, .pt2, .onnx)")
+    return by_suffix[path.suffix]
+
+
+def load(path: Path | str, device: str | torch.device = "cpu", precision: str | None = None) -> Model:
+    """The model in `path` on `device`, at the precision its variant declares there (or `precision`)."""
     path, device = Path(path), torch.device(device)
+    name = variant(path)
+    declared = REGISTRY[name].precision
+    if device.type not in declared:
+        raise LoadError(f"{path.name} is the {name} variant, which runs on {', '.join(declared)} only, not {device}")
+    precision = precision or declared[device.type]
     if path.suffix == ".pt":
-        extra = {KIND: ""}
-        model = torch.jit.load(str(path), map_location="cpu", _extra_files=extra).eval()
-        kind = extra[KIND].decode() if isinstance(extra[KIND], bytes) else extra[KIND]
-        if kind == FROZEN:  # oneDNN weight layouts, made at load
-            return Model(torch.jit.optimize_for_inference(model), torch.device("cpu"), kind)
-        if kind == INT8:  # quantized kernels run on the CPU
-            return Model(model, torch.device("cpu"), kind)
-        return Model(model.to(device), device, "torchscript")
+        model = torch.jit.load(str(path), map_location=device).eval()
+        if name == FROZEN:  # oneDNN weight layouts, made at load
+            model = torch.jit.optimize_for_inference(model)
+        elif device.type == "cuda":  # convolutions in NHWC: what tensor cores want
+            model = model.to(memory_format=torch.channels_last)
+        return Model(model, device, name, precision)
     if path.suffix == ".pt2":
         from torch._inductor import aoti_load_package
 
-        return Model(aoti_load_package(str(path)), torch.device("cpu"), "aotinductor")
-    if path.suffix == ".onnx":
-        return onnx(path)
-    raise LoadError(f"{path.name}: no runtime for '{path.suffix}' files (known: .pt, .pt2, .onnx)")
+        return Model(aoti_load_package(str(path)), device, name, precision)
+    return onnx(path)
 
 
 def onnx(path: Path) -> Model:
@@ -60,4 +84,4 @@ def onnx(path: Path) -> Model:
     def forward(images: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {name: images.numpy()})[0])
 
-    return Model(forward, torch.device("cpu"), "onnxruntime")
+    return Model(forward, torch.device("cpu"), "onnx")

@@ -22,11 +22,18 @@ trained once for one epoch into logs/bench/, its archive rebuilt from the curren
 "Performance" explains the results. Locust stays for the scenario load test (`make loadtest`); the
 report also shows it beside wrk against the shipped TorchServe at bench.locust_connections (those wrk
 measured too: raw PNG bodies, no wait), with each client's CPU share (--no-locust leaves it out).
+Where torch sees a CUDA device, a GPU section follows (bench/gpu.py -> gpu.md): ResNet-18 at 224 from JPEGs, the
+card's in-process limit, the serving core with CPU and GPU decoding, TorchServe with `serve=gpu`; `--gpu` runs it alone.
 """
 
 import argparse
 import sys
+from pathlib import Path
 
+import torch
+
+from bench import gpu
+from bench.models import log
 from bench.run import MODELS, benchmark
 from bench.servers import FASTAPI, LITSERVE
 from common.cli import one_line_errors
@@ -47,15 +54,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-locust", action="store_true", help="leave out Locust beside wrk (tuned TorchServe)")
     parser.add_argument("--retrain", action="store_true", help="train the heavy model again")
     parser.add_argument("--out", help="report directory (default bench.out)")
+    parser.add_argument("--gpu", action="store_true", help="only the GPU section (needs a CUDA device): gpu.md")
     args = parser.parse_args(argv)
     peers = tuple(name for name, off in ((FASTAPI, args.no_fastapi), (LITSERVE, args.no_litserve)) if not off)
     with one_line_errors():
         cfg = load_config(args.overrides, config_name="loadtest")
+        out, workdir = Path(args.out or cfg.bench.out), Path(cfg.bench.workdir) / gpu.NAME
+        if args.gpu:
+            log(f"wrote {gpu.bench(out, workdir)}")
+            return
         benchmark(
             cfg, args.overrides, args.models, args.quick, args.sweep, args.variants, args.connections, args.repeats,
             peers=peers, retrain=args.retrain, out=args.out,
             command=" ".join(sys.argv[1:] if argv is None else argv), with_locust=not args.no_locust,
         )  # fmt: skip
+        if torch.cuda.is_available():
+            log(f"wrote {gpu.bench(out, workdir)}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,13 @@ from servers.process import ServerError
 from servers.torchserve import CONFIG_PROPERTIES, TorchServe
 
 
+def serving(described: dict) -> str:
+    """What a worker says it serves: file, variant, device and precision, and why not the GPU it was given."""
+    served = described.get("served", {})
+    line = f"{served.get('file')} ({served.get('variant')}) on {served.get('device')}, {served.get('precision')}"
+    return f"{line}; {served['note']}" if served.get("note") else line
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=resnet18")
@@ -32,10 +39,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"starting TorchServe for {cfg.name} (logs in {server.workdir}) ...", flush=True)
                 seconds = server.wait_ready(args.timeout)
                 curl = server.curl(cfg.name, str(samples[0]) if samples else "IMAGE.png")
-                print(
-                    f"\n{cfg.name} is READY after {seconds:.1f} s. Try:\n\n  {curl}\n\nCtrl-C stops the server.",
-                    flush=True,
-                )
+                print(f"\n{cfg.name} is READY after {seconds:.1f} s: {serving(server.describe(cfg.name))}", flush=True)
+                print(f"Try:\n\n  {curl}\n\nCtrl-C stops the server.", flush=True)
                 server.proc.wait()
                 raise ServerError(f"TorchServe exited with code {server.proc.returncode}:\n{server.log_tail()}")
         except KeyboardInterrupt:

@@ -160,6 +160,15 @@ class TorchServe(Process):
         with urllib.request.urlopen(request, timeout=5) as response:
             return json.loads(response.read())[0]["workers"]
 
+    def describe(self, name: str) -> dict:
+        """The handler's own description of model `name` (what it serves, drift, lineage): `?customized=true`."""
+        request = urllib.request.Request(
+            f"{self.url('management')}/models/{name}?customized=true", headers=self.headers("management")
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            meta = json.loads(response.read())[0]["customizedMetadata"]
+        return json.loads(meta) if isinstance(meta, str) else meta
+
     def ready(self) -> bool:
         """Every model has all its workers READY (/ping says Healthy while workers crash-loop)."""
         for name in self.models:

@@ -308,16 +308,7 @@ def test_handler_describe_returns_the_drift_summary(adapter):
     handler, context = adapter
     context.headers["describe"] = "True"
     [answer] = handler.handle([{}], context)
-    assert json.loads(answer) == {"drift": handler.classifier.drift_summary(), "lineage": handler.classifier.lineage}
+    core = handler.classifier
+    assert json.loads(answer) == {"served": core.served(), "drift": core.drift_summary(), "lineage": core.lineage}
+    assert core.served() == {"file": files.MODEL, "variant": "torchscript", "device": "cpu", "precision": "fp32"}
     assert json.loads(answer)["drift"]["status"].startswith("collecting")
-
-
-@pytest.mark.gpu
-def test_a_gpu_worker_answers_like_the_cpu(tiny_dir, settings):
-    """The handler's gpu_id path: the model and the uint8 batch on CUDA, the answers as on the CPU."""
-    payloads = [png(textured(rgb, seed)) for seed, rgb in enumerate((RED, GREEN, BLUE, RED))]
-    on_cpu = ImageClassifier.from_dir(tiny_dir, settings(top_k=3), "tiny", "0.1").handle(payloads)
-    on_gpu = ImageClassifier.from_dir(tiny_dir, settings(top_k=3, device="cuda:0"), "tiny", "0.1").handle(payloads)
-    assert [r.status for r in on_gpu] == [200] * 4
-    for gpu, cpu in zip(on_gpu, on_cpu, strict=True):
-        assert close(gpu.body, cpu.body)

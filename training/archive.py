@@ -1,6 +1,7 @@
 """Pack the exported model into <model_store>/<name>.mar, and read archives back.
 
-The archive holds the model file of `export.variant` (with its preprocessing), handler.py at its root (what
+The archive holds the model file of `export.variant` (with its preprocessing; the one CPU workers run), the portable
+model.pt for workers given a GPU where that variant runs on CPUs only (`archive.gpu_file`), handler.py at its root (what
 TorchServe loads) with the `handlers/` package it imports, the label map, the drift reference,
 the lineage (training run, data hash, git commit) and a model-config.yaml built from the `serve:` config
 section. It refuses a model whose run it cannot identify unless `archive.require_lineage=false`.
@@ -106,7 +107,8 @@ def archive(cfg: DictConfig) -> Path:
             "(TorchServe reads 0 as unset and waits its default 100 ms for every batch)"
         )
     model, labels, reference = (artifacts / f for f in (files.VARIANTS[variant], files.LABELS, files.REFERENCE))
-    for path in (model, labels, reference):
+    gpu = [artifacts / files.MODEL] if cfg.archive.gpu_file and "cuda" not in files.REGISTRY[variant].devices else []
+    for path in (model, labels, reference, *gpu):
         if not path.is_file():
             raise ArchiveError(f"{path} not found: run `python -m training.export export.variant={variant}` first")
     record = lineage.read(artifacts)
@@ -124,7 +126,7 @@ def archive(cfg: DictConfig) -> Path:
         (extra / HANDLERS.name).mkdir(parents=True)
         for src in handler_files():
             shutil.copy2(ROOT / src, extra / src)
-        for src in (labels, reference):
+        for src in (labels, reference, *gpu):
             shutil.copy2(src, extra / src.name)
         write_json(extra / files.LINEAGE, record)
         config = Path(tmp) / files.MODEL_CONFIG
@@ -146,6 +148,7 @@ def archive(cfg: DictConfig) -> Path:
             raise ArchiveError(f"torch-model-archiver failed: {run.stderr.strip().splitlines()[-1:]}")
         built = Path(tmp) / f"{cfg.name}.mar"
         expected = {model.name, HANDLER.name, labels.name, reference.name, files.LINEAGE, config.name}
+        expected |= {path.name for path in gpu}
         expected |= set(map(str, handler_files()))
         check(built, cfg.name, str(cfg.version), model.name, expected)
         with atomic_path(target) as out:

@@ -4,7 +4,10 @@ Every variant holds the whole inference graph (Kornia preprocessing + backbone +
 uint8 RGB images [B, 3, H, W] of any batch size and image size; handlers/files.py names their files and
 handlers/runtime.py loads them. A variant is written only after the file itself, loaded back, passes:
 - fp32 variants: within FP32_TOLERANCE of eager and the same argmax, at several batch and image sizes;
-- int8: top-1 agreement with eager >= INT8_AGREEMENT and test accuracy within INT8_ACCURACY_DROP of eager's.
+- int8: top-1 agreement with eager >= INT8_AGREEMENT and test accuracy within INT8_ACCURACY_DROP of eager's;
+- a variant that declares a GPU (handlers/files.py REGISTRY): no device in its graph, and at its GPU precision top-1
+  agreement >= GPU_AGREEMENT and accuracy within GPU_ACCURACY_DROP, on a GPU where one exists, else on the CPU at the
+  same precision (the check says which).
 """
 
 import contextlib
@@ -26,6 +29,8 @@ log = logging.getLogger(__name__)
 FP32_TOLERANCE = 1e-4
 INT8_AGREEMENT = 0.99
 INT8_ACCURACY_DROP = 0.005  # half a point of test accuracy
+GPU_AGREEMENT = 0.995
+GPU_ACCURACY_DROP = 0.003  # 0.3 points of test accuracy
 BATCH_SIZES = (1, 7, 32)
 CALIBRATION_IMAGES = 256  # training images the int8 observers see
 MAX_SIDE = 4096  # the largest image side the compiled variants accept (the handler caps pixels before this)
@@ -44,6 +49,7 @@ class Check:
     accuracy: float | None = None  # test accuracy of the variant
     eager_accuracy: float | None = None
     shapes: list[tuple] = field(default_factory=list)
+    gpu: dict | None = None  # the GPU precision's parity, and where it was checked
 
 
 def as_rgb(images: Tensor) -> Tensor:
@@ -75,22 +81,24 @@ def trace(module: nn.Module, images: Tensor) -> torch.jit.ScriptModule:
         return torch.jit.trace(module, example(images))
 
 
-def tensor_constants(scripted: torch.jit.ScriptModule) -> list[str]:
-    """Non-scalar tensors baked into the graph: they stay on the device the trace ran on.
-
-    0-dim constants (e.g. the 255 in x / 255) are fine: PyTorch mixes CPU scalars with any device.
-    """
-    return [
-        str(node).strip()
-        for node in scripted.inlined_graph.nodes()
-        if node.kind() == "prim::Constant" and node.output().type().kind() == "TensorType" and node.t("value").dim() > 0
-    ]
+def device_bound(scripted: torch.jit.ScriptModule) -> list[str]:
+    """What in the graph is tied to the device the trace ran on: device constants (a `.to(device)` the trace saw)
+    and non-scalar tensor constants. 0-dim constants (the 255 in x / 255) are fine: PyTorch mixes CPU scalars with
+    any device."""
+    found = []
+    for node in scripted.inlined_graph.nodes():
+        if node.kind() != "prim::Constant" or node.outputsSize() != 1:
+            continue
+        kind = node.output().type().kind()
+        if kind == "DeviceObjType" or (kind == "TensorType" and node.t("value").dim() > 0):
+            found.append(str(node).strip())
+    return found
 
 
 def build_torchscript(eager: nn.Module, images: Tensor, path: Path) -> None:
     scripted = trace(eager, images)
-    if constants := tensor_constants(scripted):
-        raise VariantError(f"graph holds device-bound tensor constants: {constants[:3]}")
+    if found := device_bound(scripted):
+        raise VariantError(f"graph is bound to the device it was traced on: {found[:3]}")
     torch.jit.save(scripted, str(path))
 
 
@@ -196,22 +204,43 @@ def check_fp32(model: Callable[[Tensor], Tensor], eager: nn.Module, images: Tens
     return check
 
 
-def check_int8(model: Callable[[Tensor], Tensor], eager: nn.Module, images: Tensor, labels: Tensor) -> Check:
-    """Accuracy on the test images; agreement with eager on them and on every shape of `cases`."""
+def compare(model: Callable[[Tensor], Tensor], eager: nn.Module, images: Tensor, labels: Tensor) -> Check:
+    """Accuracy on the test images; top-1 agreement with eager on them and on every shape of `cases`."""
     rgb = as_rgb(images)
-    got, want = run(model, rgb), run(eager, rgb)
+    got, want = run(model, rgb).float().cpu(), run(eager, rgb)
     accuracy = (got.argmax(1) == labels).float().mean().item()
     eager_accuracy = (want.argmax(1) == labels).float().mean().item()
     same = [got.argmax(1) == want.argmax(1)]
     for batch in cases(images):
-        same.append(run(model, batch).argmax(1) == run(eager, batch).argmax(1))
+        same.append(run(model, batch).cpu().argmax(1) == run(eager, batch).argmax(1))
     agreement = torch.cat(same).float().mean().item()
-    if agreement < INT8_AGREEMENT or accuracy < eager_accuracy - INT8_ACCURACY_DROP:
-        raise VariantError(
-            f"int8 top-1 agreement with eager {agreement:.2%} (limit {INT8_AGREEMENT:.0%}), test accuracy "
-            f"{accuracy:.2%} vs eager {eager_accuracy:.2%} (limit {INT8_ACCURACY_DROP:.1%} lower)"
-        )
     return Check((got - want).abs().max().item(), agreement, accuracy, eager_accuracy, [tuple(rgb.shape)])
+
+
+def check_int8(model: Callable[[Tensor], Tensor], eager: nn.Module, images: Tensor, labels: Tensor) -> Check:
+    check = compare(model, eager, images, labels)
+    if check.agreement < INT8_AGREEMENT or check.accuracy < check.eager_accuracy - INT8_ACCURACY_DROP:
+        raise VariantError(
+            f"int8 top-1 agreement with eager {check.agreement:.2%} (limit {INT8_AGREEMENT:.0%}), test accuracy "
+            f"{check.accuracy:.2%} vs eager {check.eager_accuracy:.2%} (limit {INT8_ACCURACY_DROP:.1%} lower)"
+        )
+    return check
+
+
+def check_gpu(path: Path, name: str, eager: nn.Module, images: Tensor, labels: Tensor) -> dict:
+    """The variant at its GPU precision against eager fp32: on a GPU where this machine has one, else on the CPU
+    at that precision (bf16 kernels differ between the two, so a GPU check is the stronger one)."""
+    precision = files.REGISTRY[name].precision["cuda"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    check = compare(runtime.load(path, device, precision), eager, images, labels)
+    if check.agreement < GPU_AGREEMENT or check.accuracy < check.eager_accuracy - GPU_ACCURACY_DROP:
+        raise VariantError(
+            f"{precision} on {device}: top-1 agreement with eager fp32 {check.agreement:.2%} (limit "
+            f"{GPU_AGREEMENT:.1%}), test accuracy {check.accuracy:.2%} vs eager {check.eager_accuracy:.2%} "
+            f"(limit {GPU_ACCURACY_DROP:.1%} lower)"
+        )
+    where = torch.cuda.get_device_name() if device == "cuda" else "cpu (no GPU where it was exported)"
+    return {"precision": precision, "checked_on": where, "agreement": check.agreement, "accuracy": check.accuracy}
 
 
 # -- the variants ------------------------------------------------------------------------------------------------
@@ -243,10 +272,15 @@ def export(
             BUILDERS[name](eager, images, tmp, **quantizing)
             model = runtime.load(tmp)
             check = check_int8(model, eager, images, labels) if name == "int8" else check_fp32(model, eager, images)
+            if "cuda" in files.REGISTRY[name].precision:
+                check.gpu = check_gpu(tmp, name, eager, images, labels)
         except VariantError as err:
             raise VariantError(f"variant {name} refused: {err}") from err
         except Exception as err:  # an exporter that cannot handle the graph: say which and why, in one line
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise VariantError(f"variant {name} failed: {type(err).__name__}: {first[:300]}") from err
     log.info("wrote %s (%s; max abs diff vs eager %.1e)", target, name, check.max_abs_diff)
+    if check.gpu:
+        log.info("%s for GPUs: %s, top-1 agreement %.2f%%, checked on %s", name, check.gpu["precision"],
+                 100 * check.gpu["agreement"], check.gpu["checked_on"])  # fmt: skip
     return target, check
