@@ -34,9 +34,8 @@ class Handler:
     def initialize(self, context) -> None:
         props = context.system_properties
         settings = Settings.from_dict((context.model_yaml_config or {}).get("handler"))
-        gpu = props.get("gpu_id")
-        if gpu is not None and torch.cuda.is_available():
-            settings.device = f"cuda:{gpu}"
+        if props.get("gpu_id") is not None:  # TorchServe's choice; the classifier says if it cannot use it
+            settings.device = f"cuda:{props['gpu_id']}"
         torch.set_num_threads(settings.threads)  # this worker process only
         model = context.manifest["model"]
         self.classifier = ImageClassifier.from_dir(

@@ -8,17 +8,20 @@ parts on a CUDA device and skip, saying so, where there is none.
 import base64
 import io
 import json
+import logging
 
 import numpy as np
 import pytest
 import torch
 from kornia.enhance import normalize
+from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
 
 from handlers import files, runtime
 from handlers.classifier import ImageClassifier, pick
 from handlers.decode import InputError, decode_batch, decode_image, decode_jpegs, nvjpeg_can, open_image, pixels
+from handlers.handler import Handler
 from tests import client
 from training import variants
 from training.archive import unpack
@@ -87,10 +90,17 @@ def test_each_variant_declares_its_devices():
     assert files.for_device("onnx", "mps") is None
 
 
+class MeanColour(nn.Module):
+    """uint8 RGB [B, 3, H, W] -> softmax over the channels' means: a model file that loads anywhere, in a blink."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(images.float().mean(dim=(2, 3)), dim=1)
+
+
 @pytest.fixture
 def cpu_only_dir(tmp_path):
     """An archive's model_dir whose shipped file runs on CPUs only (a TorchScript file that says it is int8)."""
-    torch.jit.save(torch.jit.script(nn.Softmax(dim=1)), str(tmp_path / files.VARIANTS["int8"]), _extra_files={
+    torch.jit.save(torch.jit.script(MeanColour()), str(tmp_path / files.VARIANTS["int8"]), _extra_files={
         runtime.KIND: runtime.INT8})  # fmt: skip
     (tmp_path / files.LABELS).write_text(json.dumps({"0": "a", "1": "b", "2": "c"}))
     return tmp_path
@@ -111,8 +121,19 @@ def test_a_worker_says_why_it_is_not_on_the_gpu_it_was_given(cpu_only_dir, setti
     assert core.served() == {"file": shipped, "variant": "int8", "device": "cpu", "precision": "int8", "note": why}
 
 
+def test_a_torchserve_worker_given_a_gpu_id_logs_where_it_serves(cpu_only_dir, make_context, cfg, caplog):
+    manifest = {"model": {"modelName": "m", "modelVersion": "1", "serializedFile": files.VARIANTS["int8"]}}
+    context = make_context(cpu_only_dir, manifest, {"handler": OmegaConf.to_container(cfg.serve.handler)})
+    context.system_properties["gpu_id"] = 0
+    with caplog.at_level(logging.INFO, logger="handlers.handler"):
+        Handler().initialize(context)
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("serving m 1")]
+    assert line.startswith("serving m 1: model.int8.pt (int8) on cpu, int8 (given cuda:0, but ")
+    assert line.endswith("serving on cpu)")
+
+
 def test_given_a_gpu_a_worker_takes_the_portable_file_when_the_archive_has_it(cpu_only_dir):
-    torch.jit.save(torch.jit.script(nn.Softmax(dim=1)), str(cpu_only_dir / files.MODEL))
+    torch.jit.save(torch.jit.script(MeanColour()), str(cpu_only_dir / files.MODEL))
     path, device, why = pick(cpu_only_dir, files.VARIANTS["int8"], CUDA)
     if torch.cuda.is_available():
         assert (path.name, str(device), why) == (files.MODEL, CUDA, "")
@@ -235,8 +256,10 @@ def test_the_archive_served_on_a_gpu_answers_as_on_the_cpu(model_dir, settings, 
 
 
 @pytest.mark.server
-def test_describe_says_where_each_worker_serves(server, cfg):
-    """The shared server's worker: on the GPU where TorchServe gave it one, else on the CPU, and says which."""
+def test_describe_says_where_each_worker_serves(server, post, cfg, digit):
+    """The shared server's worker answers on the GPU where TorchServe gave it one, else on the CPU, and says which."""
+    status, body = post(client.png(np.asarray(digit)[None]), "image/png")
+    assert status == 200 and body["label"] in {str(i) for i in range(10)}
     served = server.describe(cfg.name)["served"]
     if torch.cuda.is_available():
         assert served["device"].startswith("cuda:") and served["file"] == files.MODEL
