@@ -119,18 +119,25 @@ def git(*args: str) -> str:
 
 
 def reports_index(found: list[Path]) -> str:
-    pages = [p for p in found if p.suffix == ".md"]
     lines = [
         "# Reports",
         "",
         "Every figure and measured table of these docs is one of these files, shown as its command last wrote it.",
         "Run the command again and rebuild the docs (`make docs`) to see new numbers.",
         "",
-        "| folder | written by | pages in this build |",
+        "| folder | written by | in this build |",
         "| --- | --- | --- |",
     ]
     for folder, command in COMMANDS.items():
-        mine = [p for p in pages if p.relative_to(REPORTS).parts[0] == folder]
-        links = ", ".join(f"[{p.relative_to(REPORTS).as_posix()}]({p.relative_to(REPORTS).as_posix()})" for p in mine)
-        lines.append(f"| `reports/{folder}/` | `{command}` | {links or 'none yet: run the command'} |")
+        links = ", ".join(
+            f"[{rel}]({rel})" for rel in listed([p for p in found if p.relative_to(REPORTS).parts[0] == folder])
+        )
+        lines.append(f"| `reports/{folder}/` | `{command}` | {links or 'nothing yet: run the command'} |")
     return "\n".join(lines) + "\n"
+
+
+def listed(mine: list[Path]) -> list[str]:
+    """A folder's reports and HTML pages; its plots too where no report of that folder shows them."""
+    shown = {p.parent for p in mine if p.suffix == ".md"}
+    keep = [p for p in mine if p.suffix in {".md", ".html"} or (p.suffix in {".png", ".svg"} and p.parent not in shown)]
+    return [p.relative_to(REPORTS).as_posix() for p in keep]
