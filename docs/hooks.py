@@ -96,7 +96,7 @@ def provenance(path: Path) -> str:
 
 def machine(report: str) -> str:
     found = MACHINE.search(report)
-    return found.group(0) if found else "as the report says"
+    return found.group(0) if found else "not named in the report"
 
 
 def when(path: Path) -> str:
