@@ -45,6 +45,10 @@ export: $(STAMP)  ## model.pt + the export.variant file, each checked against th
 archive: $(STAMP)  ## pack model_store/<name>.mar
 	$(PY) -m scripts.archive $(ARGS)
 
+.PHONY: docs
+docs: $(STAMP)  ## serve the docs site on http://127.0.0.1:8000, reloading on edits (ARGS='--dev-addr 127.0.0.1:8001')
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve --dev-addr 127.0.0.1:8000 $(ARGS)
+
 lint: $(STAMP)  ## ruff lint and format check
 	ruff check . && ruff format --check .
 
