@@ -1,12 +1,16 @@
-# TorchServe image for the archived model, plus a `train` target for Vertex AI custom jobs.
+# TorchServe images for the archived model (CPU and GPU), plus a `train` target for Vertex AI custom jobs.
 #
-#   docker build --build-arg MODEL_NAME=digits_cnn -t digits_cnn:1.0 .     # runtime (default target)
+#   docker build --build-arg MODEL_NAME=digits_cnn -t digits_cnn:1.0 .     # runtime, CPU (default target)
+#   docker build --target gpu -t digits_cnn-gpu:1.0 .                      # runtime with CUDA torch
 #   docker build --target train -t digits-train .                          # training image
-#   python -m scripts.container build                                      # the same, names from the Hydra config
+#   python -m scripts.container build [--gpu]                              # the same, names from the Hydra config
 #
-# Both stages start from Debian's own python3 so one Dockerfile works on the real base image and
+# Every stage starts from Debian's own python3 so one Dockerfile works on the real base image and
 # on the debootstrap stand-in that tests/test_container.py builds where no registry is reachable.
+# The GPU image needs no CUDA base image: torch's CUDA wheels bring the CUDA runtime libraries
+# (nvidia-* packages) and the NVIDIA container runtime mounts the host's driver.
 ARG BASE_IMAGE=debian:bookworm-slim
+ARG TORCH_VERSION=2.14.1
 
 # ---- python: Debian's python3 (3.11 on bookworm), shared by every stage below.
 FROM ${BASE_IMAGE} AS python
@@ -15,31 +19,64 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 \
     && apt-get clean && rm -rf /var/lib/apt/lists/*
 
-# ---- builder: a venv with the pinned serving dependencies only (no kornia/lightning: the
-# TorchScript model carries its preprocessing; handlers/ imports torch, PIL, numpy, stdlib).
-FROM python AS builder
+# ---- venv: an empty venv and the pip settings of the build (PIP_* stay unset unless the build
+# passes them: a machine's own index, wheels, CA bundle). Each stage below that runs pip declares them.
+FROM python AS venv
 ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3-venv \
-    && apt-get clean && rm -rf /var/lib/apt/lists/*
-# PIP_* stay unset unless the build passes them (a machine's own index, wheels, CA bundle).
+    && apt-get clean && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# ---- builder: the serving venv with CPU-only torch, then the pinned serving dependencies only (no
+# kornia/lightning: the TorchScript model carries its preprocessing; handlers/ imports torch, PIL, numpy, stdlib).
+FROM venv AS builder
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
 ARG PIP_FIND_LINKS
 ARG PIP_CERT
 ARG PIP_CONSTRAINT
-# CPU-only torch; TORCH_INDEX_URL="" means pip's configured index (e.g. a local wheel).
-ARG TORCH_VERSION=2.14.1
+ARG TORCH_VERSION
+# TORCH_INDEX_URL="" means pip's configured index (e.g. a local wheel).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python3 -m venv /opt/venv \
-    && /opt/venv/bin/pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"
-COPY requirements-serve.txt /tmp/
-# torch's C++ headers and test binaries are not needed to serve (about 190 MB).
-RUN /opt/venv/bin/pip install -r /tmp/requirements-serve.txt \
-    && torch=$(/opt/venv/bin/python -c "import torch, os; print(os.path.dirname(torch.__file__))") \
-    && rm -rf "$torch/include" "$torch/test" "$torch"/bin/test_* "$torch"/bin/*Test "$torch"/bin/protoc* \
-    && /opt/venv/bin/python -c "import torch, ts, PIL, numpy, yaml, psutil; print('torch', torch.__version__)"
+RUN /opt/venv/bin/pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"
+COPY requirements-serve.txt docker/finish-venv.sh /tmp/
+RUN /tmp/finish-venv.sh
+
+# ---- builder-gpu: the same venv with CUDA torch. "" (the default) is pip's index: PyPI's Linux x86_64 torch is
+# the CUDA build (CUDA 13.0 at 2.14.1, which needs an NVIDIA driver >= 580); a cuXXX index of
+# download.pytorch.org picks another CUDA, e.g. one that an older driver runs.
+FROM venv AS builder-gpu
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_CERT
+ARG PIP_CONSTRAINT
+ARG TORCH_VERSION
+ARG GPU_TORCH_INDEX_URL=
+RUN /opt/venv/bin/pip install ${GPU_TORCH_INDEX_URL:+--index-url "$GPU_TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"
+COPY requirements-serve.txt docker/finish-venv.sh /tmp/
+RUN /tmp/finish-venv.sh --cuda
+
+# ---- settings: TorchServe's settings of each serving profile (configs/serve/<profile>.yaml), rendered by the
+# archive's own code (docker/settings.py); the entrypoint applies one at start (docker/profile.py).
+FROM venv AS settings
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_CERT
+ARG PIP_CONSTRAINT
+COPY requirements.txt /tmp/
+RUN /opt/venv/bin/pip install --constraint /tmp/requirements.txt hydra-core pyyaml
+# What docker/settings.py imports (tests/test_container.py checks the list).
+COPY common /src/common
+COPY configs /src/configs
+COPY experiments /src/experiments
+COPY handlers /src/handlers
+COPY training /src/training
+COPY docker/settings.py /src/docker/
+RUN PYTHONPATH=/src /opt/venv/bin/python /src/docker/settings.py /settings
 
 # ---- train: the project's packages for a Vertex AI custom job (cloud/vertex-job.yaml runs cloud/vertex.py).
 # Not built by the tests (it installs requirements.txt, whose torch is PyPI's multi-GB CUDA build);
@@ -75,17 +112,21 @@ FROM scratch AS models
 ARG MODEL_NAME=digits_cnn
 COPY model_store/${MODEL_NAME}.mar /
 
-# ---- runtime, the default target (last stage): Java 17 headless JRE, python3, the venv, one archive.
-FROM python AS runtime
+# ---- ts: what both serving images hold in /opt/ts: the entrypoint and its files, the profiles, one archive.
+FROM scratch AS ts
+COPY docker/entrypoint.sh docker/profile.py docker/config.properties docker/log4j2.xml metrics.yaml servers/drain.py /opt/ts/
+COPY --from=settings /settings /opt/ts/serve/
+ARG MODEL_NAME=digits_cnn
+COPY --from=models ${MODEL_NAME}.mar /opt/ts/model-store/
+
+# ---- serving: what both serving images share: Java 17 headless JRE, python3, the user, the entrypoint.
+FROM python AS serving
 ARG DEBIAN_FRONTEND=noninteractive
 RUN apt-get update \
     && apt-get install -y --no-install-recommends openjdk-17-jre-headless \
     && apt-get clean && rm -rf /var/lib/apt/lists/* \
     && useradd --uid 1000 --create-home --shell /usr/sbin/nologin model-server
-COPY --from=builder /opt/venv /opt/venv
-COPY docker/entrypoint.sh docker/config.properties docker/log4j2.xml metrics.yaml servers/drain.py /opt/ts/
 ARG MODEL_NAME=digits_cnn
-COPY --from=models ${MODEL_NAME}.mar /opt/ts/model-store/
 ENV PATH=/opt/venv/bin:$PATH \
     MODEL_NAME=${MODEL_NAME} \
     MODEL_STORE=/opt/ts/model-store \
@@ -95,3 +136,17 @@ WORKDIR /home/model-server
 EXPOSE 8080
 ENTRYPOINT ["/opt/ts/entrypoint.sh"]
 
+# ---- gpu: the serving image with CUDA torch. The variables are the ones NVIDIA's CUDA images set: the NVIDIA
+# container runtime reads NVIDIA_*, and Kubernetes' GPU plugins mount the driver under /usr/local/nvidia.
+FROM serving AS gpu
+COPY --from=builder-gpu /opt/venv /opt/venv
+COPY --from=ts /opt/ts /opt/ts
+ENV NVIDIA_VISIBLE_DEVICES=all \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    LD_LIBRARY_PATH=/usr/local/nvidia/lib:/usr/local/nvidia/lib64 \
+    PATH=$PATH:/usr/local/nvidia/bin
+
+# ---- runtime, the default target (last stage): the serving image with CPU-only torch.
+FROM serving AS runtime
+COPY --from=builder /opt/venv /opt/venv
+COPY --from=ts /opt/ts /opt/ts

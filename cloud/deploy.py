@@ -4,9 +4,13 @@ Model name and version come from the Hydra config, the port from docker/config.p
 Cloud Run concurrency and CPU from the `serve:` section. `serve` builds, smoke-tests, pushes and
 deploys through Cloud Build (cloud/cloudbuild.yaml), whose `gcloud run deploy` is `run_deploy`'s;
 `train` builds the training image (cloud/cloudbuild-train.yaml) and submits cloud/vertex-job.yaml.
+With `gpu`, `serve` builds the image's gpu target (cloud/cloudbuild-gpu.yaml) and deploys it on an NVIDIA L4
+with the serve=gpu profile's concurrency; `train` runs the job on a G2 machine with one L4 (the training
+image's torch is PyPI's CUDA build).
 """
 
 import copy
+import re
 import shlex
 import shutil
 import subprocess
@@ -23,14 +27,23 @@ from experiments.lineage import git_state
 from servers.torchserve import read_properties
 
 CLOUDBUILD = ROOT / "cloud" / "cloudbuild.yaml"
+CLOUDBUILD_GPU = ROOT / "cloud" / "cloudbuild-gpu.yaml"
 CLOUDBUILD_TRAIN = ROOT / "cloud" / "cloudbuild-train.yaml"
 VERTEX_JOB = ROOT / "cloud" / "vertex-job.yaml"
 CONTAINER_CONFIG = ROOT / "docker" / "config.properties"
 RENDERED = ROOT / "logs" / "deploy"
 CLOUD_RUN_CPUS = (1, 2, 4, 8)
+CLOUD_RUN_MAX_CONCURRENCY = 1000
+# Cloud Run's GPU (one per instance): its service page asks at least 4 CPUs and 16 GiB with it (gcloud 528's
+# --help says 8Gi; the stricter holds), and instance-based billing (--no-cpu-throttling).
+CLOUD_RUN_GPU = {"type": "nvidia-l4", "min_cpus": 4, "min_memory_gib": 16}
+# Vertex AI: the L4 comes on G2 machines; g2-standard-8 has one L4, 8 vCPUs, 32 GB.
+VERTEX_GPU = {"machine": "g2-standard-8", "acceleratorType": "NVIDIA_L4", "acceleratorCount": 1}
 APIS = ["run.googleapis.com", "artifactregistry.googleapis.com", "cloudbuild.googleapis.com"]
 # Cloud defaults (flags override); cloud/cloudbuild.yaml and cloud/service.yaml carry the same values.
 DEFAULTS = {"region": "europe-west1", "repository": "models", "memory": "2Gi", "min_instances": 0, "max_instances": 3}
+DEFAULTS["machine"] = "n1-standard-4"  # Vertex AI's machine for train without --gpu
+GPU_MEMORY = f"{CLOUD_RUN_GPU['min_memory_gib']}Gi"  # --memory's default with --gpu
 
 
 class DeployError(BundleError):
@@ -43,32 +56,58 @@ def container_port() -> int:
 
 def concurrency(serve) -> int:
     """Requests Cloud Run sends one instance at once: per worker, one batch running and one filling."""
-    return serve.workers * serve.batch_size * 2
+    n = serve.workers * serve.batch_size * 2
+    if n > CLOUD_RUN_MAX_CONCURRENCY:
+        raise DeployError(
+            f"serve.workers x serve.batch_size x 2 = {n} requests per instance: Cloud Run takes at most "
+            f"{CLOUD_RUN_MAX_CONCURRENCY}"
+        )
+    return n
 
 
-def cpus(serve) -> int:
-    """One core per worker thread plus one for the Java frontend, rounded up to a Cloud Run size."""
-    need = serve.workers * serve.handler.threads + 1
+def cpus(serve, gpu: bool = False) -> int:
+    """One core per worker thread plus one for the Java frontend, rounded up to a Cloud Run size (at least
+    Cloud Run's minimum beside a GPU)."""
+    need = max(serve.workers * serve.handler.threads + 1, CLOUD_RUN_GPU["min_cpus"] if gpu else 1)
     fits = [n for n in CLOUD_RUN_CPUS if n >= need]
     if not fits:
         raise DeployError(f"serve.workers x serve.handler.threads + 1 = {need} CPUs: Cloud Run offers at most 8")
     return fits[0]
 
 
-def substitutions(cfg, region: str, repository: str, service: str | None, memory: str, instances: tuple[int, int]):
-    """Cloud Build's user substitutions (cloud/cloudbuild.yaml declares the same keys)."""
+def gib(memory: str) -> float:
+    """Cloud Run's memory string (512Mi, 16Gi, 2G) in GiB."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(Mi|Gi|M|G)", memory)
+    if not match:
+        raise DeployError(f"--memory {memory}: use a number with Mi or Gi, e.g. 16Gi")
+    number, unit = float(match.group(1)), match.group(2)
+    return number * {"Mi": 1 / 1024, "Gi": 1, "M": 1e6 / 2**30, "G": 1e9 / 2**30}[unit]
+
+
+def substitutions(
+    cfg,
+    region: str,
+    repository: str,
+    service: str | None,
+    memory: str,
+    instances: tuple[int, int],
+    gpu: bool = False,
+):
+    """Cloud Build's user substitutions (cloud/cloudbuild.yaml and cloudbuild-gpu.yaml declare the same keys)."""
     if instances[0] > instances[1] or instances[1] < 1:
         raise DeployError(
             f"--min-instances {instances[0]} / --max-instances {instances[1]}: need 0 <= min <= max, 1 <= max"
         )
+    if gpu and gib(memory) < CLOUD_RUN_GPU["min_memory_gib"]:
+        raise DeployError(f"--memory {memory}: Cloud Run needs at least {GPU_MEMORY} beside a GPU")
     return {
         "_REGION": region,
         "_REPOSITORY": repository,
-        "_SERVICE": service or cfg.name.replace("_", "-").lower(),
+        "_SERVICE": service or cfg.name.replace("_", "-").lower() + ("-gpu" if gpu else ""),
         "_MODEL_NAME": cfg.name,
         "_MODEL_VERSION": str(cfg.version),
         "_DVC_REMOTE": "gcs",
-        "_CPU": str(cpus(cfg.serve)),
+        "_CPU": str(cpus(cfg.serve, gpu)),
         "_MEMORY": memory,
         "_CONCURRENCY": str(concurrency(cfg.serve)),
         "_MIN_INSTANCES": str(instances[0]),
@@ -84,13 +123,14 @@ def image_uri(subs: dict[str, str], project: str, suffix: str = "") -> str:
     )
 
 
-def run_deploy(subs: dict[str, str], project: str) -> list[str]:
-    """`gcloud run deploy` exactly as cloud/cloudbuild.yaml's deploy step runs it."""
+def run_deploy(subs: dict[str, str], project: str, gpu: bool = False) -> list[str]:
+    """`gcloud run deploy` exactly as cloud/cloudbuild.yaml's (gpu: cloudbuild-gpu.yaml's) deploy step runs it."""
     s = subs
+    gpu_flags = ["--gpu=1", f"--gpu-type={CLOUD_RUN_GPU['type']}", "--no-cpu-throttling"] if gpu else []
     return [
         "gcloud", "run", "deploy", s["_SERVICE"],
         f"--project={project}",
-        f"--image={image_uri(s, project)}",
+        f"--image={image_uri(s, project, '-gpu' if gpu else '')}",
         f"--region={s['_REGION']}",
         f"--port={container_port()}",
         f"--cpu={s['_CPU']}",
@@ -99,12 +139,13 @@ def run_deploy(subs: dict[str, str], project: str) -> list[str]:
         f"--min-instances={s['_MIN_INSTANCES']}",
         f"--max-instances={s['_MAX_INSTANCES']}",
         f"--timeout={s['_TIMEOUT']}",
+        *gpu_flags,
         "--cpu-boost",
         "--no-allow-unauthenticated",
     ]  # fmt: skip
 
 
-def serve_commands(subs: dict[str, str], project: str, skip_build: bool) -> list[list[str]]:
+def serve_commands(subs: dict[str, str], project: str, skip_build: bool, gpu: bool = False) -> list[list[str]]:
     region, repository = subs["_REGION"], subs["_REPOSITORY"]
     commands = [
         ["gcloud", "services", "enable", *APIS, f"--project={project}"],
@@ -112,10 +153,10 @@ def serve_commands(subs: dict[str, str], project: str, skip_build: bool) -> list
          f"--location={region}", f"--project={project}"],
     ]  # fmt: skip
     if skip_build:
-        commands.append(run_deploy(subs, project))
+        commands.append(run_deploy(subs, project, gpu))
     else:
         pairs = ",".join(f"{k}={v}" for k, v in subs.items())
-        config = str(CLOUDBUILD.relative_to(ROOT))
+        config = str((CLOUDBUILD_GPU if gpu else CLOUDBUILD).relative_to(ROOT))
         commands.append(
             [
                 "gcloud",
@@ -135,9 +176,16 @@ def serve_commands(subs: dict[str, str], project: str, skip_build: bool) -> list
 
 
 def vertex_spec(
-    subs: dict[str, str], project: str, bucket: str, machine: str, overrides: list[str], replicas: int = 1
+    subs: dict[str, str],
+    project: str,
+    bucket: str,
+    machine: str,
+    overrides: list[str],
+    replicas: int = 1,
+    gpu: bool = False,
 ) -> dict:
-    """cloud/vertex-job.yaml with this project's image, output bucket, machine and Hydra overrides.
+    """cloud/vertex-job.yaml with this project's image, output bucket, machine and Hydra overrides;
+    gpu: one NVIDIA L4 per replica (VERTEX_GPU), which Lightning's `accelerator: auto` trains on.
 
     replicas > 1: the chief (workerPoolSpecs[0]) and replicas - 1 workers (workerPoolSpecs[1]) run the same
     image with `trainer=ddp`; the entrypoint (cloud/cluster.py) turns Vertex's CLUSTER_SPEC into the ranks.
@@ -147,6 +195,8 @@ def vertex_spec(
     spec = yaml.safe_load(VERTEX_JOB.read_text())
     pool = spec["workerPoolSpecs"][0]
     pool["machineSpec"]["machineType"] = machine
+    if gpu:
+        pool["machineSpec"].update({k: v for k, v in VERTEX_GPU.items() if k != "machine"})
     pool["containerSpec"]["imageUri"] = image_uri(subs, project, "-train")
     pool["containerSpec"]["args"] = (["trainer=ddp"] if replicas > 1 else []) + list(overrides)
     if replicas > 1:
@@ -188,27 +238,31 @@ def deploy(
     region: str = DEFAULTS["region"],
     repository: str = DEFAULTS["repository"],
     service: str | None = None,
-    memory: str = DEFAULTS["memory"],
+    memory: str | None = None,
     instances: tuple[int, int] = (DEFAULTS["min_instances"], DEFAULTS["max_instances"]),
     skip_build: bool = False,
     bucket: str | None = None,
-    machine: str = "n1-standard-4",
+    machine: str | None = None,
     overrides: tuple[str, ...] = (),
     dry_run: bool = False,
     replicas: int = 1,
+    gpu: bool = False,
 ) -> None:
-    """`serve` (Cloud Run) or `train` (a Vertex AI custom job): print each gcloud command, run it unless dry_run."""
+    """`serve` (Cloud Run) or `train` (a Vertex AI custom job): print each gcloud command, run it unless dry_run.
+    gpu: on an NVIDIA L4; for serve, `cfg` is composed with serve=gpu (scripts/deploy.py does)."""
     project = project or ("PROJECT_ID" if dry_run else None)
     if not project:
         raise DeployError("no GCP project: pass --project or set GOOGLE_CLOUD_PROJECT")
-    subs = substitutions(cfg, region, repository, service, memory, instances)
+    machine = machine or (VERTEX_GPU["machine"] if gpu else DEFAULTS["machine"])
+    memory = memory or (GPU_MEMORY if gpu and what == "serve" else DEFAULTS["memory"])
+    subs = substitutions(cfg, region, repository, service, memory, instances, gpu and what == "serve")
     if what == "serve":
-        commands = serve_commands(subs, project, skip_build)
+        commands = serve_commands(subs, project, skip_build, gpu)
     else:
         if not bucket:
             raise DeployError("train needs --bucket, the GCS bucket for the job's outputs")
         spec_path = RENDERED / f"vertex-job.{subs['_MODEL_NAME']}.yaml"
-        spec = vertex_spec(subs, project, bucket, machine, list(overrides), replicas)
+        spec = vertex_spec(subs, project, bucket, machine, list(overrides), replicas, gpu)
         text = yaml.safe_dump(spec, sort_keys=False)
         write_text(spec_path, text)
         shown = spec_path.relative_to(ROOT) if spec_path.is_relative_to(ROOT) else spec_path

@@ -5,6 +5,8 @@
     python -m scripts.deploy train --project my-proj --bucket my-bucket --dry-run      # Vertex AI custom job
     python -m scripts.deploy train --bucket my-bucket --replicas 3 --dry-run           # DDP: chief + 2 workers
     python -m scripts.deploy serve --dry-run model=resnet18                            # Hydra overrides last
+    python -m scripts.deploy serve --gpu --dry-run          # Cloud Run on an NVIDIA L4: the gpu image, serve=gpu
+    python -m scripts.deploy train --gpu --bucket my-bucket --dry-run   # Vertex AI on g2-standard-8 with an L4
 
 Model name and version come from the Hydra config, the port from docker/config.properties, the
 Cloud Run concurrency and CPU from the `serve:` section; project and region from the flags or
@@ -16,7 +18,7 @@ The library is cloud/deploy.py.
 import argparse
 import os
 
-from cloud.deploy import DEFAULTS, deploy
+from cloud.deploy import CLOUD_RUN_GPU, DEFAULTS, GPU_MEMORY, VERTEX_GPU, deploy
 from common.cli import one_line_errors
 from common.config import load_config
 
@@ -30,20 +32,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--region", default=env("GOOGLE_CLOUD_REGION", DEFAULTS["region"]), help="GCP region")
     parser.add_argument("--repository", default=DEFAULTS["repository"], help="Artifact Registry docker repository")
     parser.add_argument("--service", help="Cloud Run service (default: the model name with dashes)")
-    parser.add_argument("--memory", default=DEFAULTS["memory"], help="Cloud Run memory per instance")
+    parser.add_argument(
+        "--memory", help=f"Cloud Run memory per instance (default {DEFAULTS['memory']}; with --gpu {GPU_MEMORY})"
+    )
     parser.add_argument("--min-instances", type=int, default=DEFAULTS["min_instances"], help="0 scales to zero")
     parser.add_argument("--max-instances", type=int, default=DEFAULTS["max_instances"], help="caps the cost")
     parser.add_argument("--skip-build", action="store_true", help="serve: deploy the pushed image, no Cloud Build")
     parser.add_argument("--bucket", help="train: GCS bucket for the job's outputs")
-    parser.add_argument("--machine-type", default="n1-standard-4", help="train: Vertex AI machine type")
+    parser.add_argument(
+        "--machine-type",
+        help=f"train: Vertex AI machine type (default {DEFAULTS['machine']}; with --gpu {VERTEX_GPU['machine']})",
+    )
     parser.add_argument("--replicas", type=int, default=1, help="train: machines; >1 = DDP, a chief and N-1 workers")
+    parser.add_argument(
+        "--gpu",
+        action="store_true",
+        help=f"serve: the gpu image on Cloud Run with an {CLOUD_RUN_GPU['type']}, settings from serve=gpu; "
+        f"train: one {VERTEX_GPU['acceleratorType']} per machine",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the gcloud commands, run nothing")
     args = parser.parse_intermixed_args(argv)
 
     with one_line_errors():
         deploy(
             args.what,
-            load_config(args.overrides),
+            load_config((["serve=gpu"] if args.gpu and args.what == "serve" else []) + args.overrides),
             args.project,
             region=args.region,
             repository=args.repository,
@@ -56,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
             overrides=tuple(args.overrides),
             dry_run=args.dry_run,
             replicas=args.replicas,
+            gpu=args.gpu,
         )
 
 

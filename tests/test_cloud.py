@@ -3,6 +3,7 @@ and cloud/deploy.py prints the commands they describe. Nothing here talks to Goo
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,7 +54,7 @@ def test_cloud_files_are_valid_yaml(path):
     assert isinstance(yaml.safe_load(path.read_text()), dict)
 
 
-@pytest.mark.parametrize("name", ["cloudbuild.yaml", "cloudbuild-train.yaml"])
+@pytest.mark.parametrize("name", ["cloudbuild.yaml", "cloudbuild-gpu.yaml", "cloudbuild-train.yaml"])
 def test_cloudbuild_substitutions_used_are_declared(name):
     text = (CLOUD / name).read_text()
     body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
@@ -320,3 +321,129 @@ def test_a_bad_cluster_spec_is_a_clear_error(spec, message):
     assert lightning_env({}) == {}
     with pytest.raises(ClusterError, match=message):
         lightning_env({"CLUSTER_SPEC": spec})
+
+
+@pytest.fixture(scope="module")
+def gpu_subs():
+    d = deploy.DEFAULTS
+    cfg = load_config(["serve=gpu"])
+    instances = (d["min_instances"], d["max_instances"])
+    return deploy.substitutions(cfg, d["region"], d["repository"], None, deploy.GPU_MEMORY, instances, gpu=True)
+
+
+def test_the_gpu_cloudbuild_is_the_cpu_one_with_the_gpu_target_and_flags(gpu_subs):
+    """cloudbuild-gpu.yaml: cloudbuild.yaml's steps with the gpu target, the -gpu image and the GPU flags only;
+    its defaults are what deploy.py derives from serve=gpu, its deploy step what `serve --gpu` prints."""
+    cpu, gpu = (yaml.safe_load((CLOUD / name).read_text()) for name in ("cloudbuild.yaml", "cloudbuild-gpu.yaml"))
+    assert {k: str(v) for k, v in gpu["substitutions"].items()} == gpu_subs
+    gpu_flags = ["--gpu=1", "--gpu-type=nvidia-l4", "--no-cpu-throttling"]
+    image = "$_MODEL_NAME:$_MODEL_VERSION"
+    expected = yaml.safe_load(yaml.safe_dump(cpu["steps"]).replace(image, image.replace(":", "-gpu:")))
+    expected[1]["args"].insert(1, "--target=gpu")
+    deploy_args = expected[-1]["args"]
+    deploy_args[deploy_args.index("--cpu-boost") : deploy_args.index("--cpu-boost")] = gpu_flags
+    assert gpu["steps"] == expected
+    rest = ("steps", "substitutions")
+    assert {k: v for k, v in gpu.items() if k not in rest} == {k: v for k, v in cpu.items() if k not in rest}
+    step = gpu["steps"][-1]
+    command = [step["entrypoint"], *(resolve(arg, {**gpu_subs, "PROJECT_ID": "my-proj"}) for arg in step["args"])]
+    assert command == deploy.run_deploy(gpu_subs, "my-proj", gpu=True)
+
+
+def test_gpu_dry_run_deploys_an_l4_with_the_gpu_profiles_concurrency(capsys):
+    gpu, cpu = load_config(["serve=gpu"]).serve, load_config().serve
+    concurrency = gpu.workers * gpu.batch_size * 2
+    assert concurrency != cpu.workers * cpu.batch_size * 2  # the test can tell the profiles apart
+    deploy_main(["serve", "--gpu", "--project", "my-proj", "--dry-run"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "--config=cloud/cloudbuild-gpu.yaml" in lines[2] and f"_CONCURRENCY={concurrency}" in lines[2]
+    assert "_MEMORY=16Gi" in lines[2] and "_SERVICE=digits-cnn-gpu" in lines[2]
+    deploy_main(["serve", "--gpu", "--project", "my-proj", "--skip-build", "--dry-run"])
+    command = capsys.readouterr().out.splitlines()[2].split()
+    assert command[:4] == ["gcloud", "run", "deploy", "digits-cnn-gpu"]
+    assert "--image=europe-west1-docker.pkg.dev/my-proj/models/digits_cnn-gpu:1.0" in command
+    assert {"--gpu=1", "--gpu-type=nvidia-l4", "--no-cpu-throttling", "--no-allow-unauthenticated"} <= set(command)
+    flags = dict(arg[2:].split("=", 1) for arg in command if "=" in arg)
+    assert int(flags["cpu"]) >= 4 and flags["memory"] == "16Gi" and flags["concurrency"] == str(concurrency)
+    deploy_main(["serve", "--project", "my-proj", "--skip-build", "--dry-run"])
+    assert "--gpu" not in capsys.readouterr().out  # the CPU deploy is unchanged
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--memory", "8Gi"], "error: --memory 8Gi: Cloud Run needs at least 16Gi beside a GPU"),
+        (["--memory", "lots"], "error: --memory lots: use a number with Mi or Gi, e.g. 16Gi"),
+        (["serve.batch_size=256"], "error: serve.workers x serve.batch_size x 2 = 2048 requests per instance"),
+    ],
+)
+def test_bad_gpu_deploys_are_one_line_errors(argv, message):
+    with pytest.raises(SystemExit) as exc:
+        deploy_main(["serve", "--gpu", "--dry-run", *argv])
+    assert str(exc.value).startswith(message) and "\n" not in str(exc.value)
+
+
+GCLOUD = shutil.which("gcloud")
+
+
+@pytest.mark.skipif(not GCLOUD, reason="needs the gcloud CLI")
+def test_gcloud_accepts_every_flag_of_the_gpu_deploy(gpu_subs, tmp_path):
+    """gcloud parses the flags before it asks for credentials: with none (a fresh config folder), an unknown
+    flag fails with `unrecognized arguments` (exit 2), a known set with the missing account (exit 1)."""
+    env = {**os.environ, "CLOUDSDK_CONFIG": str(tmp_path), "CLOUDSDK_CORE_DISABLE_PROMPTS": "1"}
+    command = deploy.run_deploy(gpu_subs, "my-proj", gpu=True)
+    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 1 and "active account" in run.stderr, run.stderr
+    run = subprocess.run([*command, "--gpu-kind=l4"], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 2 and "unrecognized arguments: --gpu-kind=l4" in run.stderr, run.stderr
+
+
+VALIDATE_JOB = """
+import sys
+sys.path[:0] = [sys.argv[1] + "/lib", sys.argv[1] + "/lib/third_party"]
+from googlecloudsdk.api_lib.util import apis, messages
+from googlecloudsdk.core import yaml
+spec_type = apis.GetMessagesModule("aiplatform", "v1").GoogleCloudAiplatformV1CustomJobSpec
+spec = messages.DictToMessageWithErrorCheck(yaml.load(open(sys.argv[2]).read()), spec_type)
+machine = spec.workerPoolSpecs[0].machineSpec
+print(machine.machineType, machine.acceleratorType, machine.acceleratorCount)
+"""
+
+
+def gcloud_python() -> tuple[str, str] | None:
+    """(gcloud's own Python, its SDK folder), where the Google Cloud CLI bundles one."""
+    if not GCLOUD:
+        return None
+    sdk = Path(GCLOUD).resolve().parent.parent
+    python = sdk / "platform" / "bundledpythonunix" / "bin" / "python3"
+    return (str(python), str(sdk)) if python.is_file() else None
+
+
+@pytest.mark.skipif(gcloud_python() is None, reason="needs the gcloud CLI with its bundled Python")
+def test_train_gpu_dry_run_renders_a_vertex_job_that_the_api_schema_accepts(tmp_path, monkeypatch, capsys):
+    """The Vertex job with an L4, checked against aiplatform v1's CustomJobSpec as gcloud's own client defines
+    it (an unknown field or accelerator type fails there), beside the CPU job."""
+    monkeypatch.setattr(deploy, "RENDERED", tmp_path)
+    python, sdk = gcloud_python()
+
+    def validate(path: Path) -> str:
+        run = subprocess.run([python, "-c", VALIDATE_JOB, sdk, str(path)], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-500:]
+        return run.stdout.strip()
+
+    deploy_main(["train", "--gpu", "--bucket", "b", "--dry-run"])
+    spec_path = tmp_path / "vertex-job.digits_cnn.yaml"
+    machine = yaml.safe_load(spec_path.read_text())["workerPoolSpecs"][0]["machineSpec"]
+    assert machine == {"machineType": "g2-standard-8", "acceleratorType": "NVIDIA_L4", "acceleratorCount": 1}
+    assert validate(spec_path) == "g2-standard-8 NVIDIA_L4 1"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(spec_path.read_text().replace("NVIDIA_L4", "NVIDIA_L5"))
+    run = subprocess.run([python, "-c", VALIDATE_JOB, sdk, str(broken)], capture_output=True, text=True)
+    assert run.returncode != 0 and "acceleratorType" in run.stderr
+    deploy_main(["train", "--gpu", "--bucket", "b", "--replicas", "2", "--machine-type", "g2-standard-12", "--dry-run"])
+    pools = yaml.safe_load(spec_path.read_text())["workerPoolSpecs"]
+    assert [p["machineSpec"]["machineType"] for p in pools] == ["g2-standard-12"] * 2
+    assert all(p["machineSpec"]["acceleratorType"] == "NVIDIA_L4" for p in pools)
+    deploy_main(["train", "--bucket", "b", "--dry-run"])
+    assert validate(spec_path) == "n1-standard-4 None None"
+    capsys.readouterr()

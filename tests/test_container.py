@@ -6,22 +6,28 @@ cleanly on SIGTERM. The base image and the build's layers stay cached for the ne
 """
 
 import base64
+import importlib.util
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
+from cloud import image as container
 from common.cli import BundleError
+from common.config import load_config
 from scripts.container import main as container_main
-from servers import container
 from servers.container import Container
-from servers.process import free_port
-from servers.torchserve import CONFIG_PROPERTIES, read_properties
+from servers.process import Process, free_port
+from servers.torchserve import CONFIG_PROPERTIES, find_java_home, read_properties
 from tests.client import call, parsed, png
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +47,8 @@ def test_dockerfile_defaults_match_the_config(cfg, capsys):
     assert container.dockerfile_arg("MODEL_NAME") == cfg.name
     container_main(["tag"])
     assert capsys.readouterr().out.strip() == f"{cfg.name}:{cfg.version}"
+    container_main(["tag", "--gpu"])
+    assert capsys.readouterr().out.strip() == f"{cfg.name}-gpu:{cfg.version}"
     props = read_properties(ROOT / "docker" / "config.properties")
     assert props["inference_address"].startswith("http://0.0.0.0:")
     for key in ("management_address", "metrics_address"):
@@ -102,6 +110,180 @@ def test_command_line_help_and_one_line_errors(tmp_path):
     nowhere = tmp_path / "nowhere"
     run = subprocess.run([*cmd, "build", "--models", str(nowhere)], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 1 and run.stderr.strip() == f"error: --models {nowhere} is not a folder"
+    run = subprocess.run([*cmd, "build", "--gpu", "--target", "train"], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 1 and run.stderr.strip() == "error: --gpu builds the target gpu, not train"
+
+
+DOCKER = ROOT / "docker"
+TS_KEYS = {"minWorkers": "workers", "maxWorkers": "workers", "batchSize": "batch_size"}
+TS_KEYS |= {"maxBatchDelay": "max_batch_delay_ms", "responseTimeout": "response_timeout_s"}
+
+
+def stages(dockerfile: str) -> dict[str, str]:
+    """Each `FROM ... AS name` stage's text, by name."""
+    parts = re.split(r"^FROM ", dockerfile, flags=re.M)[1:]
+    return {re.match(r"\S+ AS (\S+)", part).group(1): part for part in parts}
+
+
+def rendered_settings(tmp_path) -> Path:
+    """docker/settings.py run as the Dockerfile's settings stage runs it."""
+    out = tmp_path / "serve"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(
+        [sys.executable, str(DOCKER / "settings.py"), str(out)], capture_output=True, text=True, env=env
+    )
+    assert run.returncode == 0, run.stderr
+    return out
+
+
+def test_the_image_renders_each_serving_profile_from_configs_serve(tmp_path):
+    out = rendered_settings(tmp_path)
+    assert sorted(p.name for p in out.iterdir()) == ["cpu.yaml", "gpu.yaml"]
+    for profile in ("cpu", "gpu"):
+        serve = load_config([f"serve={profile}"]).serve
+        expected = {key: serve[name] for key, name in TS_KEYS.items()}
+        assert yaml.safe_load((out / f"{profile}.yaml").read_text()) == expected, profile
+    assert yaml.safe_load((out / "gpu.yaml").read_text()) != yaml.safe_load((out / "cpu.yaml").read_text())
+
+
+def archive_with_config(path: Path, config: dict) -> Path:
+    """A .mar-shaped zip: the manifest and model-config.yaml (what profile.py reads and rewrites)."""
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("MAR-INF/MANIFEST.json", json.dumps({"model": {"modelName": "m", "modelVersion": "1.0"}}))
+        z.writestr("model-config.yaml", yaml.safe_dump(config))
+        z.writestr("handlers/__init__.py", "")
+    return path
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu"], ids=["cpu-profile", "gpu-profile"])  # "gpu": a GPU marker
+def test_the_entrypoint_applies_the_profile_it_is_given(tmp_path, profile):
+    """docker/profile.py with SERVE_PROFILE set: the profile's TorchServe keys over the archive's, the handler's
+    own section kept, number_of_gpu appended, and one line saying so."""
+    settings = rendered_settings(tmp_path)
+    handler = {"top_k": 5, "max_pixels": 1000}
+    mar = archive_with_config(tmp_path / "m.mar", {"minWorkers": 9, "batchSize": 2, "handler": handler})
+    properties = tmp_path / "config.properties"
+    properties.write_text("model_store=x\n")
+    model_dir = tmp_path / "store" / "m"
+    cmd = [sys.executable, str(DOCKER / "profile.py"), str(mar), str(model_dir)]
+    cmd += ["--settings", str(settings), "--properties", str(properties)]
+    run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "SERVE_PROFILE": profile})
+    assert run.returncode == 0, run.stderr
+    serve = load_config([f"serve={profile}"]).serve
+    config = yaml.safe_load((model_dir / "model-config.yaml").read_text())
+    assert config == {**{key: serve[name] for key, name in TS_KEYS.items()}, "handler": handler}
+    assert (model_dir / "MAR-INF" / "MANIFEST.json").is_file() and (model_dir / "handlers").is_dir()
+    gpus = int(read_properties(properties)["number_of_gpu"])
+    assert gpus == 0 if profile == "cpu" else gpus >= 0
+    line = run.stdout.strip()
+    assert "\n" not in line and line.startswith(f"entrypoint: serving profile {profile} (SERVE_PROFILE; ")
+    assert f"{serve.workers} worker(s), batch {serve.batch_size}, max batch delay {serve.max_batch_delay_ms} ms" in line
+
+
+def test_the_entrypoint_picks_the_profile_by_the_gpus_it_sees(tmp_path):
+    """Without SERVE_PROFILE: gpu where a GPU is visible, else cpu (here: whatever this machine has)."""
+    spec = importlib.util.spec_from_file_location("image_profile", DOCKER / "profile.py")  # the image's own script
+    picker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(picker)
+    assert (picker.pick("auto", 0), picker.pick("auto", 1), picker.pick("cpu", 2), picker.pick("gpu", 0)) == (
+        "cpu",
+        "gpu",
+        "cpu",
+        "gpu",
+    )
+    gpus, found = picker.visible_gpus()
+    mar = archive_with_config(tmp_path / "m.mar", {"handler": {}})
+    properties = tmp_path / "config.properties"
+    cmd = [sys.executable, str(DOCKER / "profile.py"), str(mar), str(tmp_path / "m")]
+    cmd += ["--settings", str(rendered_settings(tmp_path)), "--properties", str(properties)]
+    env = {k: v for k, v in os.environ.items() if k != "SERVE_PROFILE"}
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    expected = "gpu" if gpus else "cpu"
+    assert run.stdout.startswith(f"entrypoint: serving profile {expected} (auto; {gpus} GPU(s) visible: {found})")
+    run = subprocess.run(cmd, capture_output=True, text=True, env={**env, "SERVE_PROFILE": "tpu"})
+    assert run.returncode == 1
+    assert run.stderr.strip() == "entrypoint: error: SERVE_PROFILE='tpu': one of auto, cpu, gpu"
+
+
+def test_the_gpu_target_shares_the_serving_stage_and_installs_cuda_torch():
+    """What can be checked of the gpu image without its several GB of wheels."""
+    dockerfile = container.DOCKERFILE.read_text()
+    by_name = stages(dockerfile)
+    assert list(by_name)[-1] == "runtime", "runtime must stay the default (last) target"
+    for target, builder in (("runtime", "builder"), ("gpu", "builder-gpu")):
+        stage = by_name[target]
+        assert stage.startswith(f"serving AS {target}\n"), target
+        assert f"COPY --from={builder} /opt/venv /opt/venv" in stage and "COPY --from=ts /opt/ts /opt/ts" in stage
+    assert "NVIDIA_VISIBLE_DEVICES=all" in by_name["gpu"] and "NVIDIA_VISIBLE_DEVICES" not in by_name["runtime"]
+    assert "ENTRYPOINT" in by_name["serving"] and "USER model-server" in by_name["serving"]
+    cpu, gpu = by_name["builder"], by_name["builder-gpu"]
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in cpu and "ARG GPU_TORCH_INDEX_URL=\n" in gpu
+    assert "RUN /tmp/finish-venv.sh\n" in cpu and "RUN /tmp/finish-venv.sh --cuda\n" in gpu
+    assert "docker/profile.py" in by_name["ts"] and "COPY --from=settings /settings /opt/ts/serve/" in by_name["ts"]
+    assert container.TARGETS.keys() <= set(by_name)
+    run = subprocess.run(["sh", "-n", str(DOCKER / "finish-venv.sh")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert os.access(DOCKER / "finish-venv.sh", os.X_OK) and os.access(DOCKER / "entrypoint.sh", os.X_OK)
+
+
+def test_the_settings_stage_copies_every_package_its_script_imports():
+    """The settings stage has hydra-core and pyyaml only: docker/settings.py must reach no other third-party
+    package, and every local package it imports must be copied into /src."""
+    stage = stages(container.DOCKERFILE.read_text())["settings"]
+    copied = {src for src, dest in re.findall(r"^COPY (\S+) /src/(\S+)$", stage, re.M) if src == dest}
+    code = (
+        "import sys; before = set(sys.modules); import runpy; runpy.run_path(sys.argv[1]); "
+        "own = lambda f: f.startswith(" + repr(str(ROOT) + "/") + ") and not f.startswith(sys.prefix + '/'); "
+        "mods = {m.split('.')[0]: getattr(mod, '__file__', None) or '' for m, mod in sys.modules.items() "
+        "if m not in before}; "
+        "print(*sorted(m for m, f in mods.items() if own(f))); "
+        "print(*sorted(m for m, f in mods.items() if 'site-packages' in f))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(DOCKER / "settings.py")], capture_output=True, text=True, env=env
+    )
+    assert run.returncode == 0, run.stderr
+    local, third_party = (set(line.split()) for line in run.stdout.splitlines()[-2:])
+    assert local | {"configs"} <= copied, f"missing COPY lines for {sorted(local | {'configs'} - copied)}"
+    allowed = {"hydra", "omegaconf", "antlr4", "packaging", "yaml", "_yaml"}  # hydra-core, pyyaml and their deps
+    allowed.add("attr")  # omegaconf uses attrs where installed, and goes without
+    assert third_party <= allowed, sorted(third_party - allowed)
+
+
+@pytest.mark.server
+def test_the_entrypoint_serves_the_gpu_profile_settings_through_torchserve(cfg, mar, tmp_path):
+    """docker/entrypoint.sh on this host (no image), laid out as /opt/ts, with SERVE_PROFILE=gpu: the real
+    TorchServe reports the gpu profile's workers, batch size and delay for the archive (which carries the cpu's)."""
+    ts_dir = tmp_path / "ts"
+    (ts_dir / "model-store").mkdir(parents=True)
+    for name in ("entrypoint.sh", "profile.py", "config.properties", "log4j2.xml"):
+        shutil.copy2(DOCKER / name, ts_dir / name)
+    shutil.copy2(ROOT / "metrics.yaml", ts_dir)
+    shutil.copy2(ROOT / "servers" / "drain.py", ts_dir)
+    shutil.copytree(rendered_settings(tmp_path), ts_dir / "serve")
+    shutil.copy2(mar, ts_dir / "model-store" / mar.name)
+    ports = {key: free_port() for key in ("PORT", "MANAGEMENT_PORT", "METRICS_PORT", "WORKER_PORT")}
+    ports |= {key: free_port() for key in ("GRPC_INFERENCE_PORT", "GRPC_MANAGEMENT_PORT")}
+    path = os.pathsep.join([str(Path(sys.executable).parent), str(Path(find_java_home()) / "bin"), os.environ["PATH"]])
+    env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "PATH": path, "BIND": "127.0.0.1"}
+    env |= {"TS_DIR": str(ts_dir), "MODEL_NAME": cfg.name, "SERVE_PROFILE": "gpu"}
+    gpu = load_config(["serve=gpu"]).serve
+    assert read_model_config_batch(mar) != gpu.batch_size  # the archive's own settings are not the gpu profile's
+    with Process(["sh", str(ts_dir / "entrypoint.sh")], tmp_path / "run.log", env=env) as server:
+        management = f"http://127.0.0.1:{ports['MANAGEMENT_PORT']}"
+        wait_ready(server, management, cfg.name, timeout=180)
+        model = parsed(call(f"{management}/models/{cfg.name}")[1])[0]
+        assert (model["batchSize"], model["maxBatchDelay"]) == (gpu.batch_size, gpu.max_batch_delay_ms)
+        assert (model["minWorkers"], model["maxWorkers"], len(model["workers"])) == (gpu.workers,) * 3
+        assert "entrypoint: serving profile gpu (SERVE_PROFILE; " in server.log.read_text()
+        status, _ = call(f"http://127.0.0.1:{ports['PORT']}/ping")
+        assert status == 200
+
+
+def read_model_config_batch(mar: Path) -> int:
+    with zipfile.ZipFile(mar) as z:
+        return yaml.safe_load(z.read("model-config.yaml"))["batchSize"]
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +318,7 @@ def image(cfg, mar, engine, tmp_path_factory):
         container.sh(rmi, check=False, capture_output=True)
 
 
-def wait_ready(ctr: Container, management: str, name: str, timeout: float = 120) -> float:
+def wait_ready(ctr: Process, management: str, name: str, timeout: float = 120) -> float:
     """/ping answers Healthy while workers still load: wait for every worker READY instead."""
 
     def ready() -> bool:
