@@ -21,9 +21,9 @@ from PIL import Image
 
 from bench import wrk
 from common.config import ROOT
+from common.images import encode
 from common.io import atomic_dir, write_json
 from handlers import files, runtime
-from loadtest.checks import encode
 from servers.torchserve import TorchServe
 from training import variants
 from training.archive import archive

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from common.cli import BundleError
 from common.config import CONFIG_DIR, load_config
 from common.io import write_json, write_text
-from experiments import tracking
+from training import tracking
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def plots(study: optuna.Study, out: Path) -> list[Path]:
     """Optimisation history, intermediate values (the pruned trials) and parameter importances, as PNG."""
     from optuna.visualization import matplotlib as vis
 
-    from experiments.plots import save
+    from training.plots import save
 
     written = []
     for name, draw in (

@@ -10,16 +10,16 @@ import socket
 import sys
 from pathlib import Path
 
+from handlers.archive import read_manifest, read_model_config
 from handlers.classifier import ImageClassifier, Settings
 from servers.peer import MAR, MODEL_DIR, Peer, authorized, error, json_response
-from training.archive import read_manifest, read_model_config
 
 
 def load_classifier(mar: Path | str, model_dir: Path | str) -> ImageClassifier:
     """The archive's classifier as a TorchServe worker loads it from `model_dir` (the unpacked archive):
     settings from its model-config.yaml, name, version and model file from its manifest."""
     model = read_manifest(mar)["model"]
-    settings = Settings.from_dict(read_model_config(mar).get("handler"))
+    settings = Settings.from_dict(read_model_config(mar).handler)
     name, version = model["modelName"], model.get("modelVersion", "")
     return ImageClassifier.from_dir(model_dir, settings, name, version, model["serializedFile"])
 

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from common.cli import BundleError
-from experiments import lineage
+from training import lineage
 
 log = logging.getLogger(__name__)
 

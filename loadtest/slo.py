@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from common.config import ROOT
 from loadtest.checks import parse_mix, read_token
-from loadtest.runner import LoadTestError, run_locust
+from loadtest.locust_process import LoadTestError, run_locust
 from loadtest.summary import check_slo, format_summary
 from servers.process import port_free
 from servers.torchserve import CONFIG_PROPERTIES, TorchServe, read_properties
