@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 import training.archive as archive_module
 from common.config import load_config
 from handlers import files
+from handlers.archive import read_manifest, read_model_config
 from training.archive import (
     HANDLER,
     ArchiveError,
@@ -16,8 +17,6 @@ from training.archive import (
     check,
     handler_files,
     model_config,
-    read_manifest,
-    read_model_config,
 )
 
 
@@ -36,8 +35,8 @@ def test_mar_holds_model_handler_labels_and_config(cfg, mar, model_dir):
         assert (model_dir / name).is_file(), name
     config = read_model_config(mar)
     assert config == model_config(cfg)
-    assert config["batchSize"] == cfg.serve.batch_size
-    assert config["handler"]["top_k"] == cfg.serve.handler.top_k
+    assert config.batch_size == cfg.serve.batch_size
+    assert config.handler["top_k"] == cfg.serve.handler.top_k
 
 
 def test_check_rejects_a_wrong_archive(cfg, mar):

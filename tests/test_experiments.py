@@ -13,13 +13,15 @@ import pytest
 from mlflow import MlflowClient
 
 from common.config import ROOT, load_config
-from experiments.profile import core, py_spy, top_frames, training_profiler
+from experiments.profile import core, py_spy, top_frames
 from experiments.tune import open_study, tune
 from handlers import files
+from handlers.archive import read_lineage, unpack
 from servers.fastapi import load_classifier
 from tests import client
 from training import lineage, tracking
-from training.archive import ArchiveError, archive, read_lineage, unpack
+from training.archive import ArchiveError, archive
+from training.profiler import training_profiler
 from training.train import train
 
 SHORT = ["trainer.max_epochs=2", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu"]

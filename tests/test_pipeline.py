@@ -11,7 +11,7 @@ import yaml
 
 from common.config import ROOT, load_config
 from handlers import files
-from training.archive import read_manifest
+from handlers.archive import mar_file, read_manifest
 from training.pipeline import COMMANDS, stages
 
 DVC = str(Path(sys.executable).parent / "dvc")
@@ -68,7 +68,7 @@ def test_dvc_repro_push_and_pull(tmp_path):
     first = run([DVC, "repro"], repo).stdout
     dvc = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
     assert [stage for stage in dvc if f"Running stage '{stage}'" not in first] == [], first
-    assert read_manifest(repo / cfg.paths.model_store / f"{cfg.name}.mar")["model"]["modelName"] == cfg.name
+    assert read_manifest(repo / cfg.paths.model_store / mar_file(cfg.name))["model"]["modelName"] == cfg.name
     second = run([DVC, "repro"], repo).stdout
     unchanged = all(f"Stage '{stage}' didn't change" in second for stage in dvc)
     assert "Running stage" not in second and ("Data and pipelines are up to date" in second or unchanged), second
