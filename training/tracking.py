@@ -2,7 +2,8 @@
 what every run logs beside Lightning's per-epoch metrics (the resolved config as parameters, the lineage as
 tags, plots), and the artifacts that later stages add to a finished run (export: model.pt; robustness: its plot).
 
-The trackers are imported only when a run uses them, so `--help` and `logger=none` stay fast.
+One Tracker per backend says how it does each of these; the functions below pick the run's tracker. The
+backends' libraries are imported only when a run uses them, so `--help` and `logger=none` stay fast.
 """
 
 import logging
@@ -21,7 +22,6 @@ from training import lineage
 
 log = logging.getLogger(__name__)
 
-KINDS = ("mlflow", "wandb", "csv", "none")
 SQLITE = "sqlite:///"
 URI_VARIABLE = "MLFLOW_TRACKING_URI"  # the team server's address, when set (configs/logger/mlflow.yaml)
 SKIPPED = ("hydra",)  # config sections that describe the launcher, not the run
@@ -68,27 +68,49 @@ def wandb_mode(setting: str) -> str:
     return "online" if wandb_has_key() else "offline"
 
 
-def make_logger(
-    cfg: DictConfig,
-    run_name: str | None = None,
-    tags: dict | None = None,
-    group: str | None = None,
-    experiment: str | None = None,
-    run_id: str | None = None,
-):
-    """The Lightning logger of `cfg.logger`, or None for `logger=none`. The hyperparameter search nests its
-    trials under the study's run: MLflow `tags` (mlflow.parentRunId) in the study's `experiment`, a W&B `group`;
-    `run_id` continues an MLflow run."""
-    settings = cfg.logger
-    if settings.kind == "none":
-        return None
-    if settings.kind == "csv":
-        from lightning.pytorch.loggers import CSVLogger
+def copy_into(paths: list[Path], target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        shutil.copy2(path, target / path.name)
 
-        return CSVLogger(settings.save_dir, name=cfg.name, version=run_name)
-    if settings.kind == "mlflow":
+
+class Tracker:
+    """A backend: its Lightning logger, and what it does beside Lightning's metrics. This base tracks nothing
+    (`logger=none`)."""
+
+    kind = "none"
+    logger_class = ""  # the class name of its Lightning logger
+
+    def logger(self, cfg: DictConfig, run_name, tags, group, experiment, run_id):
+        return None
+
+    def tag(self, logger, origin: dict) -> None:
+        """Record the code and data the run starts from."""
+
+    def info(self, logger, cfg: DictConfig) -> dict:
+        """How to find the run again: the tracker, its address and the run's id."""
+        return {"tracker": self.kind, "run_id": None}
+
+    def upload(self, logger, paths: list[Path], folder: str) -> None:
+        """Add files to the open run."""
+
+    def finish(self, logger) -> None:
+        """After the last upload of a run that `finish` ends."""
+
+    def close(self, logger, state: str) -> None:
+        """End a search trial's run with its state (COMPLETE, PRUNED, FAIL)."""
+
+    def attach(self, record: dict, paths: list[Path], folder: str) -> None:
+        """Add files to the finished run that the lineage `record` names."""
+
+
+class MLflow(Tracker):
+    kind, logger_class = "mlflow", "MLFlowLogger"
+
+    def logger(self, cfg: DictConfig, run_name, tags, group, experiment, run_id):
         from lightning.pytorch.loggers import MLFlowLogger
 
+        settings = cfg.logger
         uri = settings.tracking_uri
         if not uri:
             raise TrackingError("logger.tracking_uri (or MLFLOW_TRACKING_URI) is empty")
@@ -116,9 +138,56 @@ def make_logger(
             else:
                 os.environ[URI_VARIABLE] = previous
         return logger
-    if settings.kind == "wandb":
+
+    def tag(self, logger, origin: dict) -> None:
+        from mlflow.entities import RunTag
+
+        tags = {k: str(v) for k, v in origin.items()}
+        tags["mlflow.source.git.commit"] = tags["git_commit"]  # what the MLflow UI shows as the run's commit
+        logger.experiment.log_batch(logger.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+    def info(self, logger, cfg: DictConfig) -> dict:
+        uri, experiment = logger._tracking_uri, logger.experiment_id
+        url = f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{logger.run_id}" if uri.startswith("http") else None
+        return {
+            "tracker": self.kind,
+            "run_id": logger.run_id,
+            "experiment": cfg.logger.experiment,
+            "experiment_id": experiment,
+            "tracking_uri": uri,
+            "run_url": url,
+        }
+
+    def upload(self, logger, paths: list[Path], folder: str) -> None:
+        for path in paths:
+            logger.experiment.log_artifact(logger.run_id, str(path), folder or None)
+
+    def close(self, logger, state: str) -> None:
+        logger.experiment.set_tag(logger.run_id, "optuna.state", state)
+        if state == "PRUNED":  # Lightning marked it FAILED when the pruner stopped it
+            logger.experiment.set_terminated(logger.run_id, "KILLED")
+
+    def attach(self, record: dict, paths: list[Path], folder: str) -> None:
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        run_id, client = record["run_id"], MlflowClient(record["tracking_uri"])
+        try:
+            client.get_run(run_id)
+            for path in paths:
+                client.log_artifact(run_id, str(path), folder or None)
+        except MlflowException as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise TrackingError(f"cannot log to MLflow run {run_id} at {record['tracking_uri']}: {first}") from None
+
+
+class Wandb(Tracker):
+    kind, logger_class = "wandb", "WandbLogger"
+
+    def logger(self, cfg: DictConfig, run_name, tags, group, experiment, run_id):
         from lightning.pytorch.loggers import WandbLogger
 
+        settings = cfg.logger
         mode = wandb_mode(settings.mode)
         Path(settings.save_dir).mkdir(parents=True, exist_ok=True)
         return WandbLogger(  # Lightning refuses log_model offline: checkpoints then go with the run's files
@@ -130,11 +199,100 @@ def make_logger(
             group=group,
             mode=mode,
         )
-    raise TrackingError(f"unknown logger.kind {settings.kind!r}: one of {', '.join(KINDS)}")
+
+    def tag(self, logger, origin: dict) -> None:
+        logger.experiment.config.update({"lineage": origin}, allow_val_change=True)
+
+    def info(self, logger, cfg: DictConfig) -> dict:
+        run = logger.experiment
+        mode = wandb_mode(cfg.logger.mode)
+        return {
+            "tracker": self.kind,
+            "run_id": run.id,
+            "project": cfg.logger.project,
+            "mode": mode,
+            "save_dir": str(Path(cfg.logger.save_dir).resolve()),
+            "run_dir": str(Path(run.dir).parent),
+            "run_url": run.url if mode == "online" else None,
+        }
+
+    def upload(self, logger, paths: list[Path], folder: str) -> None:
+        import wandb
+
+        run = logger.experiment
+        for path in paths:
+            run.save(str(path), base_path=str(path.parent), policy="now")
+            if path.suffix == ".png":
+                run.log({f"plots/{path.stem}": wandb.Image(str(path))})
+
+    def finish(self, logger) -> None:
+        logger.experiment.finish()
+
+    def close(self, logger, state: str) -> None:
+        logger.experiment.summary["optuna.state"] = state
+        logger.experiment.finish(exit_code=0 if state != "FAIL" else 1)
+
+    def attach(self, record: dict, paths: list[Path], folder: str) -> None:
+        import wandb
+
+        run = wandb.init(
+            id=record["run_id"], project=record["project"], dir=record["save_dir"], mode=record["mode"], resume="allow"
+        )
+        for path in paths:
+            run.save(str(path), base_path=str(path.parent), policy="now")
+        run.finish()
+
+
+class CSV(Tracker):
+    kind, logger_class = "csv", "CSVLogger"
+
+    def logger(self, cfg: DictConfig, run_name, tags, group, experiment, run_id):
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(cfg.logger.save_dir, name=cfg.name, version=run_name)
+
+    def tag(self, logger, origin: dict) -> None:
+        logger.log_hyperparams({f"lineage.{k}": str(v) for k, v in origin.items()})
+
+    def info(self, logger, cfg: DictConfig) -> dict:
+        run_id = f"{logger.name}/{logger.log_dir.rsplit('/', 1)[-1]}"
+        return {"tracker": self.kind, "run_id": run_id, "run_dir": logger.log_dir}
+
+    def upload(self, logger, paths: list[Path], folder: str) -> None:
+        copy_into(paths, Path(logger.log_dir) / folder)
+
+    def attach(self, record: dict, paths: list[Path], folder: str) -> None:
+        copy_into(paths, Path(record["run_dir"]) / folder)
+
+
+TRACKERS = {t.kind: t for t in (MLflow(), Wandb(), CSV(), Tracker())}
+KINDS = tuple(TRACKERS)
+
+
+def tracker(logger) -> Tracker:
+    """The tracker of a Lightning logger (None: none)."""
+    by_class = {t.logger_class: t for t in TRACKERS.values()}
+    return by_class.get(type(logger).__name__, TRACKERS["none"])
+
+
+def make_logger(
+    cfg: DictConfig,
+    run_name: str | None = None,
+    tags: dict | None = None,
+    group: str | None = None,
+    experiment: str | None = None,
+    run_id: str | None = None,
+):
+    """The Lightning logger of `cfg.logger`, or None for `logger=none`. The hyperparameter search nests its
+    trials under the study's run: MLflow `tags` (mlflow.parentRunId) in the study's `experiment`, a W&B `group`;
+    `run_id` continues an MLflow run."""
+    if cfg.logger.kind not in TRACKERS:
+        raise TrackingError(f"unknown logger.kind {cfg.logger.kind!r}: one of {', '.join(KINDS)}")
+    return TRACKERS[cfg.logger.kind].logger(cfg, run_name, tags, group, experiment, run_id)
 
 
 def kind(logger) -> str:
-    return {"MLFlowLogger": "mlflow", "WandbLogger": "wandb", "CSVLogger": "csv"}.get(type(logger).__name__, "none")
+    return tracker(logger).kind
 
 
 def params(cfg: DictConfig) -> dict[str, str]:
@@ -158,68 +316,18 @@ def start(logger, cfg: DictConfig, origin: dict) -> None:
     if logger is None:
         return
     logger.log_hyperparams(params(cfg))
-    tags = {k: str(v) for k, v in origin.items()}
-    if kind(logger) == "mlflow":
-        from mlflow.entities import RunTag
-
-        tags["mlflow.source.git.commit"] = tags["git_commit"]  # what the MLflow UI shows as the run's commit
-        logger.experiment.log_batch(logger.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    elif kind(logger) == "wandb":
-        logger.experiment.config.update({"lineage": origin}, allow_val_change=True)
-    else:
-        logger.log_hyperparams({f"lineage.{k}": v for k, v in tags.items()})
+    tracker(logger).tag(logger, origin)
 
 
 def run_info(logger, cfg: DictConfig) -> dict:
     """How to find the run again: the tracker, its address and the run's id."""
-    if logger is None:
-        return {"tracker": "none", "run_id": None}
-    if kind(logger) == "mlflow":
-        uri, experiment = logger._tracking_uri, logger.experiment_id
-        url = f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{logger.run_id}" if uri.startswith("http") else None
-        return {
-            "tracker": "mlflow",
-            "run_id": logger.run_id,
-            "experiment": cfg.logger.experiment,
-            "experiment_id": experiment,
-            "tracking_uri": uri,
-            "run_url": url,
-        }
-    if kind(logger) == "wandb":
-        run = logger.experiment
-        mode = wandb_mode(cfg.logger.mode)
-        return {
-            "tracker": "wandb",
-            "run_id": run.id,
-            "project": cfg.logger.project,
-            "mode": mode,
-            "save_dir": str(Path(cfg.logger.save_dir).resolve()),
-            "run_dir": str(Path(run.dir).parent),
-            "run_url": run.url if mode == "online" else None,
-        }
-    return {"tracker": "csv", "run_id": f"{logger.name}/{logger.log_dir.rsplit('/', 1)[-1]}", "run_dir": logger.log_dir}
+    return tracker(logger).info(logger, cfg)
 
 
 def upload(logger, paths: list[Path], folder: str = "") -> None:
     """Add files to the open run."""
-    if logger is None or not paths:
-        return
-    if kind(logger) == "mlflow":
-        for path in paths:
-            logger.experiment.log_artifact(logger.run_id, str(path), folder or None)
-    elif kind(logger) == "wandb":
-        import wandb
-
-        run = logger.experiment
-        for path in paths:
-            run.save(str(path), base_path=str(path.parent), policy="now")
-            if path.suffix == ".png":
-                run.log({f"plots/{path.stem}": wandb.Image(str(path))})
-    else:
-        target = Path(logger.log_dir) / folder
-        target.mkdir(parents=True, exist_ok=True)
-        for path in paths:
-            shutil.copy2(path, target / path.name)
+    if paths:
+        tracker(logger).upload(logger, paths, folder)
 
 
 def finish(logger, cfg: DictConfig, origin: dict, paths: list[Path]) -> dict:
@@ -227,20 +335,13 @@ def finish(logger, cfg: DictConfig, origin: dict, paths: list[Path]) -> dict:
     record = {"name": cfg.name, "version": str(cfg.version), **run_info(logger, cfg), **origin}
     record["trained_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     upload(logger, paths)
-    if kind(logger) == "wandb":
-        logger.experiment.finish()
+    tracker(logger).finish(logger)
     return record
 
 
 def close(logger, state: str) -> None:
     """End a run that `finish` does not (a search trial): its state (COMPLETE, PRUNED, FAIL) as a tag or summary."""
-    if kind(logger) == "mlflow":
-        logger.experiment.set_tag(logger.run_id, "optuna.state", state)
-        if state == "PRUNED":  # Lightning marked it FAILED when the pruner stopped it
-            logger.experiment.set_terminated(logger.run_id, "KILLED")
-    elif kind(logger) == "wandb":
-        logger.experiment.summary["optuna.state"] = state
-        logger.experiment.finish(exit_code=0 if state != "FAIL" else 1)
+    tracker(logger).close(logger, state)
 
 
 def attach(artifacts: Path | str, paths: list[Path], folder: str = "") -> dict | None:
@@ -249,32 +350,8 @@ def attach(artifacts: Path | str, paths: list[Path], folder: str = "") -> dict |
     if not record or not record.get("run_id"):
         log.info("no tracked run in %s: %s not logged", artifacts, [p.name for p in paths])
         return record
-    tracker, run_id = record["tracker"], record["run_id"]
-    if tracker == "mlflow":
-        from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(record["tracking_uri"])
-        try:
-            client.get_run(run_id)
-            for path in paths:
-                client.log_artifact(run_id, str(path), folder or None)
-        except MlflowException as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise TrackingError(f"cannot log to MLflow run {run_id} at {record['tracking_uri']}: {first}") from None
-    elif tracker == "wandb":
-        import wandb
-
-        run = wandb.init(
-            id=run_id, project=record["project"], dir=record["save_dir"], mode=record["mode"], resume="allow"
-        )
-        for path in paths:
-            run.save(str(path), base_path=str(path.parent), policy="now")
-        run.finish()
-    elif tracker == "csv":
-        target = Path(record["run_dir"]) / folder
-        target.mkdir(parents=True, exist_ok=True)
-        for path in paths:
-            shutil.copy2(path, target / path.name)
-    log.info("logged %s to %s run %s", [p.name for p in paths], tracker, run_id)
+    if record["tracker"] not in TRACKERS:
+        raise TrackingError(f"{artifacts}: lineage names an unknown tracker {record['tracker']!r}")
+    TRACKERS[record["tracker"]].attach(record, paths, folder)
+    log.info("logged %s to %s run %s", [p.name for p in paths], record["tracker"], record["run_id"])
     return record
