@@ -147,6 +147,24 @@ def test_nothing_outside_scripts_and_tests_imports_scripts():
     assert {path: names for path, names in offenders.items() if names} == {}
 
 
+# The folders bottom to top: each imports only from the layers below it, so no import points up and none
+# makes a cycle. handlers/ is packed into the .mar and imports nothing of the bundle's.
+LAYERS = [["common"], ["handlers"], ["training", "servers"], ["loadtest", "monitoring"], ["bench", "cloud"]]
+LAYERS += [["experiments"], ["scripts"]]  # the search and the serving profile drive everything below them
+
+
+def test_every_folder_imports_only_from_the_layers_below():
+    level = {folder: n for n, folders in enumerate(LAYERS) for folder in folders}
+    upward = []
+    for path in python_files(*level):
+        folder = path.relative_to(ROOT).parts[0]
+        tops = {name.split(".")[0] for name in imported(path)} & set(level)
+        upward += [
+            f"{path.relative_to(ROOT)} imports {top}" for top in sorted(tops - {folder}) if level[top] >= level[folder]
+        ]
+    assert upward == []
+
+
 def test_scripts_define_no_classes():
     """An entry point parses arguments and calls a library; classes belong in the libraries."""
     classes = {
