@@ -8,10 +8,10 @@ test start to the last answer, so its start-up, importing and encoding the test 
 """
 
 from bench.models import BenchError, Model
-from bench.servers import Running
-from loadtest.runner import LoadTestError, run_locust
+from bench.servers import TUNED, Running
+from loadtest.locust_process import LoadTestError, run_locust
 
-SERVER = "tuned"  # the only server Locust loads: the one that ships
+SERVER = TUNED  # the only server Locust loads: the one that ships
 COMPARED = ("rps", "p50_ms", "p99_ms", "failures", "client_cpu")  # what the report sets side by side
 
 

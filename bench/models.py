@@ -2,21 +2,19 @@
 
 import shutil
 import time
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import yaml
 from omegaconf import DictConfig
 
 from common.cli import BundleError
 from common.config import load_config
+from common.images import encode
 from common.io import atomic_path
-from handlers import files
-from loadtest.checks import encode
-from training.archive import unpack
+from handlers.archive import ModelConfig, mar_file, repack, unpack
+from training.data import load_split
 from training.pipeline import run
+from training.train import CHECKPOINT
 
 HEAVY = "resnet18"  # --models key of the second model (bench.heavy in configs/loadtest.yaml)
 
@@ -48,7 +46,7 @@ def prepare(cfg: DictConfig, overrides: list[str], keys: list[str], retrain: boo
     for key in keys:
         model_cfg = load_config([*overrides, *map(str, cfg.bench.heavy)], "loadtest") if key == HEAVY else cfg
         images = load_images(model_cfg)
-        mar = build_heavy(model_cfg, retrain) if key == HEAVY else Path(cfg.paths.model_store) / f"{cfg.name}.mar"
+        mar = build_heavy(model_cfg, retrain) if key == HEAVY else Path(cfg.paths.model_store) / mar_file(cfg.name)
         if not mar.is_file():
             raise BenchError(f"no archive {mar}: run `make pipeline` first")
         models.append(Model(str(model_cfg.name), model_cfg, mar, images))
@@ -58,8 +56,6 @@ def prepare(cfg: DictConfig, overrides: list[str], keys: list[str], retrain: boo
 def build_heavy(cfg: DictConfig, retrain: bool) -> Path:
     """Train ResNet-18 once (the checkpoint stays in its artifacts folder), then export and archive it
     with the current code, handlers and `serve:` settings."""
-    from training.train import CHECKPOINT  # imports Lightning: only when the heavy model is asked for
-
     trained = (Path(cfg.paths.artifacts) / CHECKPOINT).is_file() and not retrain
     stages = ["export", "archive"] if trained else ["train", "export", "archive"]
     log(f"{cfg.name}: {', '.join(stages)} into {cfg.paths.artifacts}")
@@ -67,11 +63,9 @@ def build_heavy(cfg: DictConfig, retrain: bool) -> Path:
 
 
 def load_images(cfg: DictConfig) -> list[bytes]:
-    path = Path(cfg.paths.data) / "test.npz"
-    if not path.is_file():
-        raise BenchError(f"{path} not found: run `make pipeline` first")
-    with np.load(path) as f:
-        return [encode(image) for image in f["images"]]
+    """The test split (npz or shards), PNG-encoded."""
+    images, _ = load_split(cfg.paths.data, "test")
+    return [encode(image) for image in images]
 
 
 def unpack_model(model: Model, folder: Path) -> None:
@@ -79,30 +73,14 @@ def unpack_model(model: Model, folder: Path) -> None:
     model.unpacked = unpack(model.mar, folder)
 
 
-def rewrite_mar(src: Path, dst: Path, model_config: dict) -> Path:
-    """The same archive (model, handler, labels, manifest) with another model-config.yaml."""
-    with atomic_path(dst) as tmp, zipfile.ZipFile(src) as zin, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zout:
-        for item in zin.infolist():
-            if item.filename != files.MODEL_CONFIG:
-                zout.writestr(item, zin.read(item.filename))
-        zout.writestr(files.MODEL_CONFIG, yaml.safe_dump(model_config, sort_keys=False))
-    return dst
+def stock_model_config(shipped: ModelConfig, default_threads: int) -> ModelConfig:
+    """TorchServe's defaults for workers, batch and delay; torch's default thread count."""
+    return ModelConfig(handler={**shipped.handler, "threads": default_threads})
 
 
-def merge(base: dict, changes: dict) -> dict:
-    out = dict(base)
-    for key, value in changes.items():
-        out[key] = merge(out.get(key) or {}, value) if isinstance(value, dict) else value
-    return out
-
-
-def stock_model_config(shipped: dict, default_threads: int) -> dict:
-    """TorchServe's defaults: no workers, batch or delay settings; torch's default thread count."""
-    return {"handler": {**shipped.get("handler", {}), "threads": default_threads}}
-
-
-def variant(model: Model, workdir: Path, label: str, model_config: dict) -> Path:
-    """A store holding the model's archive with `model_config`; returns the store."""
+def variant(model: Model, workdir: Path, label: str, config: ModelConfig) -> Path:
+    """A store holding the model's archive with `config` as its model-config.yaml; returns the store."""
     store = workdir / "stores" / label.replace(" ", "_").replace(":", "").replace("=", "_")
-    rewrite_mar(model.mar, store / model.mar.name, model_config)
+    with atomic_path(store / model.mar.name) as tmp:
+        repack(model.mar, tmp, config)
     return store

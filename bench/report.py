@@ -3,35 +3,38 @@
 import statistics
 from pathlib import Path
 
-from bench.servers import FASTAPI, PEERS
+from bench.servers import FASTAPI, PEERS, STOCK, TUNED, TUNED_BATCH_1
 from common.io import atomic_path
+
+RUN_KEYS = ("rps", "p50_ms", "p90_ms", "p99_ms", "cpu_ms", "worker_cpu_ms", "client_cpu")
+CLOCK_KEYS = ("ts_latency_ms", "ts_queue_ms")  # TorchServe's own clock, where it was read
+OPEN_KEYS = ("rps", "p50_ms", "p99_ms", "cpu_ms", "failures")
+LOCUST_KEYS = ("rps", "p50_ms", "p99_ms", "client_cpu")
+
+
+def summarize(rows: list[dict], keys: tuple[str, ...], summed: tuple[str, ...] = ()) -> dict:
+    """The median of each of `keys` over the rows that have it, the sum of each of `summed`."""
+    out = {k: statistics.median(values) for k in keys if (values := [r[k] for r in rows if k in r])}
+    return out | {k: sum(r[k] for r in rows) for k in summed}
+
+
+def median_by(rows: list[dict], model: str, by: tuple[str, ...], keys: tuple[str, ...], summed=()) -> dict:
+    """`model`'s rows grouped by the fields `by` (one field: its value is the key, else a tuple), in key order,
+    each group summarized (median of `keys`, sum of `summed`) with its row count `n`."""
+    groups: dict = {}
+    for row in rows:
+        if row["model"] == model:
+            key = tuple(row[f] for f in by)
+            groups.setdefault(key if len(by) > 1 else key[0], []).append(row)
+    return {key: {**summarize(rows, keys, summed), "n": len(rows)} for key, rows in sorted(groups.items())}
 
 
 def median_rows(results: dict, model: str) -> dict[tuple[str, int], dict]:
-    groups: dict[tuple[str, int], list[dict]] = {}
-    for row in results["runs"]:
-        if row["model"] == model:
-            groups.setdefault((row["server"], row["connections"]), []).append(row)
-    out = {}
-    for key, rows in groups.items():
-        keys = ("rps", "p50_ms", "p90_ms", "p99_ms", "cpu_ms", "worker_cpu_ms", "client_cpu")
-        out[key] = {k: statistics.median(r[k] for r in rows) for k in keys}
-        out[key].update(failures=sum(r["failures"] for r in rows), n=len(rows))
-        for k in ("ts_latency_ms", "ts_queue_ms"):  # TorchServe's own clock, where it was read
-            if values := [r[k] for r in rows if k in r]:
-                out[key][k] = statistics.median(values)
-    return out
+    return median_by(results["runs"], model, ("server", "connections"), RUN_KEYS + CLOCK_KEYS, ("failures",))
 
 
 def inprocess_medians(results: dict, model: str) -> dict[int, dict]:
-    groups: dict[int, list[dict]] = {}
-    for row in results["inprocess"]:
-        if row["model"] == model:
-            groups.setdefault(row["batch"], []).append(row)
-    return {
-        b: {k: statistics.median(r[k] for r in rows) for k in ("images_per_s", "p50_ms", "p99_ms")}
-        for b, rows in sorted(groups.items())
-    }
+    return median_by(results["inprocess"], model, ("batch",), ("images_per_s", "p50_ms", "p99_ms"))
 
 
 def plot(results: dict, model: str, servers: list[str], path: Path) -> None:
@@ -71,30 +74,17 @@ def goal(ok: bool | None) -> str:
 
 
 def open_medians(results: dict, model: str) -> dict[tuple[str, float], dict]:
-    groups: dict[tuple[str, float], list[dict]] = {}
-    for row in results.get("open", []):
-        if row["model"] == model:
-            groups.setdefault((row["server"], row["rate"]), []).append(row)
-    return {
-        key: {k: statistics.median(r[k] for r in rows) for k in ("rps", "p50_ms", "p99_ms", "cpu_ms", "failures")}
-        for key, rows in groups.items()
-    }
+    return median_by(results.get("open", []), model, ("server", "rate"), OPEN_KEYS)
 
 
 def locust_medians(results: dict, model: str) -> dict[int, dict]:
     """Locust's runs (bench/locust.py) per connection count: medians over the repeats (errors: the sum), each
     with wrk's numbers of the same repeats under "wrk"."""
-    groups: dict[int, list[dict]] = {}
-    for row in results.get("locust", []):
-        if row["model"] == model:
-            groups.setdefault(row["connections"], []).append(row)
-    keys = ("rps", "p50_ms", "p99_ms", "client_cpu")
-
-    def medians(rows: list[dict]) -> dict:
-        out = {k: statistics.median(r[k] for r in rows) for k in keys}
-        return {**out, "failures": sum(r["failures"] for r in rows)}
-
-    return {c: {**medians(rows), "wrk": medians([r["wrk"] for r in rows])} for c, rows in sorted(groups.items())}
+    groups = median_by(results.get("locust", []), model, ("connections",), LOCUST_KEYS, ("failures",))
+    for c, m in groups.items():
+        wrk_rows = [r["wrk"] for r in results["locust"] if r["model"] == model and r["connections"] == c]
+        m["wrk"] = summarize(wrk_rows, LOCUST_KEYS, ("failures",))
+    return groups
 
 
 def locust_table(results: dict, model: str, cores: int) -> list[str]:
@@ -138,7 +128,7 @@ def floor_table(medians: dict[tuple[str, int], dict], inproc: dict[int, dict], d
     """Where a lone request's time goes on the shipped server: wrk's mean at 1 connection split by TorchServe's
     own latency counters and the CPU the worker spent, beside the serving core alone and FastAPI (`medians` and
     `inproc`: one model's median_rows and inprocess_medians)."""
-    one, fast = medians.get(("tuned", 1)), medians.get((FASTAPI, 1))
+    one, fast = medians.get((TUNED, 1)), medians.get((FASTAPI, 1))
     core = inproc.get(1)
     if not one or "ts_latency_ms" not in one or not one["rps"]:
         return []
@@ -165,8 +155,18 @@ def floor_table(medians: dict[tuple[str, int], dict], inproc: dict[int, dict], d
 
 
 def report(results: dict, models: list[str], servers: list[str], heavy: str | None) -> str:
-    meta = results["meta"]
-    lines = [
+    lines = header(results["meta"])
+    for model in models:
+        lines += model_section(results, model, servers)
+    lines += goals(results, models, heavy)
+    if results["errors"]:
+        lines += ["", "## Errors", "", *[f"- {e}" for e in results["errors"]]]
+    return "\n".join(lines) + "\n"
+
+
+def header(meta: dict) -> list[str]:
+    """The run, the machine, the load generator and the servers."""
+    return [
         "# Benchmark",
         "",
         f"Written by `python -m scripts.bench{(' ' + meta['args']) if meta['args'] else ''}` on {meta['date']}, "
@@ -197,72 +197,91 @@ def report(results: dict, models: list[str], servers: list[str], heavy: str | No
         "process per core behind as many uvicorn processes.",
         "",
     ]
-    for model in models:
-        medians = median_rows(results, model)
-        inproc = inprocess_medians(results, model)
-        best = max((m["images_per_s"] for m in inproc.values()), default=0.0)
-        counts = sorted({c for (_, c) in medians})
-        lines += [f"## {model}", ""]
-        if inproc:
-            lines += ["In-process limit (serving core, no HTTP):", ""]
-            lines += ["| batch | images/s | p50 ms per call | p99 ms per call |", "| ---: | ---: | ---: | ---: |"]
-            for b, m in inproc.items():
-                lines.append(f"| {b} | {m['images_per_s']:.0f} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} |")
-            lines.append("")
-        lines += ["Closed loop, requests/s · p50 / p99 ms (errors, if any):", ""]
-        peers = [s for s in servers if s in PEERS]
-        lines += ["| connections | " + " | ".join([*servers, *(f"tuned/{p}" for p in peers)]) + " | tuned/in-process |"]
-        lines += ["|" + " ---: |" * (2 + len(servers) + len(peers))]
-        for c in counts:
-            cells = []
-            for s in servers:
-                m = medians.get((s, c))
-                fail = f" ({m['failures']} errors)" if m and m["failures"] else ""
-                cells.append(f"{m['rps']:.0f} · {m['p50_ms']:.1f} / {m['p99_ms']:.1f}{fail}" if m else "")
-            tuned = medians.get(("tuned", c))
-            cells += [times(tuned, medians.get((p, c))) for p in peers]
-            share = f"{tuned['rps'] / best:.0%}" if tuned and best else ""
-            lines.append(f"| {c} | " + " | ".join(cells) + f" | {share} |")
-        lines += ["", "Server CPU ms per request (worker alone) · wrk's CPU share:", ""]
-        lines += ["| connections | " + " | ".join(servers) + " |", "|" + " ---: |" * (1 + len(servers))]
-        for c in counts:
-            cells = [
-                f"{m['cpu_ms']:.2f} ({m['worker_cpu_ms']:.2f}) · {m['client_cpu']:.2f}"
-                if (m := medians.get((s, c)))
-                else ""
-                for s in servers
-            ]
-            lines.append(f"| {c} | " + " | ".join(cells) + " |")
-        opened = open_medians(results, model)
-        if opened:
-            rates = sorted({r for (_, r) in opened})
-            lines += ["", "Open loop (paced arrivals), achieved req/s · p50 / p99 ms:", ""]
-            lines += ["| target req/s | " + " | ".join(servers) + " |", "|" + " ---: |" * (1 + len(servers))]
-            for r in rates:
-                cells = []
-                for s in servers:
-                    m = opened.get((s, r))
-                    fail = f" ({m['failures']:.0f} errors)" if m and m["failures"] else ""
-                    cells.append(f"{m['rps']:.0f} · {m['p50_ms']:.1f} / {m['p99_ms']:.1f}{fail}" if m else "")
-                lines.append(f"| {r:.0f} | " + " | ".join(cells) + " |")
-        lines += floor_table(medians, inproc, meta.get("delay_ms", "?"))
-        lines += locust_table(results, model, meta["cores"])
-        ready = {}
-        for row in results["ready"]:
-            if row["model"] == model:
-                ready.setdefault(row["server"], []).append(row["s"])
-        if ready:
-            lines += ["", "Time from start to every worker READY (FastAPI, LitServe: to answering /ping), seconds:", ""]
-            lines += ["| server | median | min | max | starts |", "| --- | ---: | ---: | ---: | ---: |"]
-            for s, values in ready.items():
-                lines.append(
-                    f"| {s} | {statistics.median(values):.1f} | {min(values):.1f} | {max(values):.1f} | {len(values)} |"
-                )
-        lines += ["", f"![{model}]({model}.png)", ""]
-    lines += goals(results, models, heavy)
-    if results["errors"]:
-        lines += ["", "## Errors", "", *[f"- {e}" for e in results["errors"]]]
-    return "\n".join(lines) + "\n"
+
+
+def model_section(results: dict, model: str, servers: list[str]) -> list[str]:
+    medians, inproc = median_rows(results, model), inprocess_medians(results, model)
+    lines = [f"## {model}", "", *inprocess_table(inproc)]
+    lines += closed_table(medians, inproc, servers)
+    lines += cpu_table(medians, servers)
+    lines += open_table(open_medians(results, model), servers)
+    lines += floor_table(medians, inproc, results["meta"].get("delay_ms", "?"))
+    lines += locust_table(results, model, results["meta"]["cores"])
+    lines += ready_table(results, model)
+    return [*lines, "", f"![{model}]({model}.png)", ""]
+
+
+def inprocess_table(inproc: dict[int, dict]) -> list[str]:
+    if not inproc:
+        return []
+    lines = ["In-process limit (serving core, no HTTP):", ""]
+    lines += ["| batch | images/s | p50 ms per call | p99 ms per call |", "| ---: | ---: | ---: | ---: |"]
+    for b, m in inproc.items():
+        lines.append(f"| {b} | {m['images_per_s']:.0f} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} |")
+    return [*lines, ""]
+
+
+def cell(m: dict | None, failures: str = "") -> str:
+    """req/s · p50 / p99 ms (errors, if any); empty where nothing was measured."""
+    if not m:
+        return ""
+    fail = f" ({m['failures']:{failures}} errors)" if m["failures"] else ""
+    return f"{m['rps']:.0f} · {m['p50_ms']:.1f} / {m['p99_ms']:.1f}{fail}"
+
+
+def closed_table(medians: dict, inproc: dict[int, dict], servers: list[str]) -> list[str]:
+    """Closed loop, every server at every connection count, with tuned's ratio to each peer and to the
+    in-process limit."""
+    best = max((m["images_per_s"] for m in inproc.values()), default=0.0)
+    peers = [s for s in servers if s in PEERS]
+    lines = ["Closed loop, requests/s · p50 / p99 ms (errors, if any):", ""]
+    lines += ["| connections | " + " | ".join([*servers, *(f"{TUNED}/{p}" for p in peers)]) + " | tuned/in-process |"]
+    lines += ["|" + " ---: |" * (2 + len(servers) + len(peers))]
+    for c in sorted({c for (_, c) in medians}):
+        tuned = medians.get((TUNED, c))
+        cells = [cell(medians.get((s, c))) for s in servers]
+        cells += [times(tuned, medians.get((p, c))) for p in peers]
+        share = f"{tuned['rps'] / best:.0%}" if tuned and best else ""
+        lines.append(f"| {c} | " + " | ".join(cells) + f" | {share} |")
+    return lines
+
+
+def cpu_table(medians: dict, servers: list[str]) -> list[str]:
+    lines = ["", "Server CPU ms per request (worker alone) · wrk's CPU share:", ""]
+    lines += ["| connections | " + " | ".join(servers) + " |", "|" + " ---: |" * (1 + len(servers))]
+    for c in sorted({c for (_, c) in medians}):
+        cells = [
+            f"{m['cpu_ms']:.2f} ({m['worker_cpu_ms']:.2f}) · {m['client_cpu']:.2f}"
+            if (m := medians.get((s, c)))
+            else ""
+            for s in servers
+        ]
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def open_table(opened: dict[tuple[str, float], dict], servers: list[str]) -> list[str]:
+    if not opened:
+        return []
+    lines = ["", "Open loop (paced arrivals), achieved req/s · p50 / p99 ms:", ""]
+    lines += ["| target req/s | " + " | ".join(servers) + " |", "|" + " ---: |" * (1 + len(servers))]
+    for r in sorted({r for (_, r) in opened}):
+        lines.append(f"| {r:.0f} | " + " | ".join(cell(opened.get((s, r)), ".0f") for s in servers) + " |")
+    return lines
+
+
+def ready_table(results: dict, model: str) -> list[str]:
+    ready: dict[str, list[float]] = {}
+    for row in results["ready"]:
+        if row["model"] == model:
+            ready.setdefault(row["server"], []).append(row["s"])
+    if not ready:
+        return []
+    lines = ["", "Time from start to every worker READY (FastAPI, LitServe: to answering /ping), seconds:", ""]
+    lines += ["| server | median | min | max | starts |", "| --- | ---: | ---: | ---: | ---: |"]
+    for s, v in ready.items():
+        lines.append(f"| {s} | {statistics.median(v):.1f} | {min(v):.1f} | {max(v):.1f} | {len(v)} |")
+    return lines
 
 
 def goals(results: dict, models: list[str], heavy: str | None) -> list[str]:
@@ -271,13 +290,13 @@ def goals(results: dict, models: list[str], heavy: str | None) -> list[str]:
     conns = target["connections"]
     first = models[0] if models else None
     medians = median_rows(results, first) if first else {}
-    tuned, stock, fast = (medians.get((s, conns)) for s in ("tuned", "stock", FASTAPI))
+    tuned, stock, fast = (medians.get((s, conns)) for s in (TUNED, STOCK, FASTAPI))
     rows = ["## Goals", "", "| goal | measured | |", "| --- | --- | --- |"]
 
     def ratio(a: dict | None, b: dict | None) -> float | None:
         return a["rps"] / b["rps"] if a and b and b["rps"] else None
 
-    for name, other, times in (("stock", stock, target["tuned_vs_stock"]), (FASTAPI, fast, target["tuned_vs_fastapi"])):
+    for name, other, times in ((STOCK, stock, target["tuned_vs_stock"]), (FASTAPI, fast, target["tuned_vs_fastapi"])):
         if (r := ratio(tuned, other)) is not None:
             rows.append(
                 f"| tuned ≥ {times}× {name} at {conns} connections ({first}) | {tuned['rps']:.0f} vs "
@@ -289,10 +308,10 @@ def goals(results: dict, models: list[str], heavy: str | None) -> list[str]:
             f"| tuned p99 ≤ {target['p99_ms']} ms at {conns} connections, no errors | {tuned['p99_ms']:.1f} ms, "
             f"{tuned['failures']} errors | {goal(ok)} |"
         )
-    if one := medians.get(("tuned", 1)):
+    if one := medians.get((TUNED, 1)):
         ok = one["p50_ms"] <= target["p50_ms_at_1"]
         rows.append(f"| tuned p50 ≤ {target['p50_ms_at_1']} ms at 1 connection | {one['p50_ms']:.2f} ms | {goal(ok)} |")
-    if four := medians.get(("tuned", 4)):
+    if four := medians.get((TUNED, 4)):
         ok = four["rps"] >= target["rps_at_4"]
         rows.append(f"| tuned ≥ {target['rps_at_4']} req/s at 4 connections | {four['rps']:.0f} | {goal(ok)} |")
     best = max((m["images_per_s"] for m in inprocess_medians(results, first).values()), default=0.0) if first else 0
@@ -304,7 +323,7 @@ def goals(results: dict, models: list[str], heavy: str | None) -> list[str]:
         )
     if heavy in models:
         heavy_medians = median_rows(results, heavy)
-        batched, single = heavy_medians.get(("tuned", conns)), heavy_medians.get(("tuned, batch 1", conns))
+        batched, single = heavy_medians.get((TUNED, conns)), heavy_medians.get((TUNED_BATCH_1, conns))
         if (gain := ratio(batched, single)) is not None:
             rows.append(
                 f"| {heavy}: batching beats batch size 1 at {conns} connections | {batched['rps']:.0f} vs "

@@ -19,8 +19,8 @@ from bench.servers import PEERS, comparison, describe
 from bench.sweep import sweep_report, sweep_servers
 from common.config import ROOT
 from common.io import write_json, write_text
+from handlers.archive import ModelConfig, read_model_config
 from servers.torchserve import CONFIG_PROPERTIES, read_properties
-from training.archive import read_model_config
 
 MODELS = ("digits", HEAVY)  # --models: the shipped archive, the heavier model
 
@@ -91,7 +91,7 @@ def benchmark(
     results = {"runs": [], "open": [], "ready": [], "inprocess": [], "locust": [], "errors": []}
     load_start = os.getloadavg()[0]
     log(f"load average {load_start:.1f}; models {', '.join(m.name for m in prepared)}; connections {plan.connections}")
-    tuned_config = {}
+    tuned_config = None
     for model in prepared:
         unpack_model(model, workdir / model.key / "unpacked")
         shipped = read_model_config(model.mar)
@@ -131,10 +131,11 @@ def benchmark(
         "paced_connections": plan.paced_connections,
         "locust_connections": plan.locust_connections,
         "cores": os.cpu_count(),
-        "stock": f"one worker per core ({os.cpu_count()}), batchSize 1, maxBatchDelay 100, torch threads "
-        f"{default_threads}, log metrics, system metrics, synchronous logging",
+        "stock": f"one worker per core ({os.cpu_count()}), batchSize {ModelConfig.batch_size}, maxBatchDelay "
+        f"{ModelConfig.max_batch_delay_ms}, torch threads {default_threads}, log metrics, system metrics, "
+        "synchronous logging",
         "tuned": describe(tuned_config, tuned_props),
-        "delay_ms": tuned_config.get("maxBatchDelay", "?"),
+        "delay_ms": tuned_config.max_batch_delay_ms,
         "goals": goals,
     }
     if sweep:

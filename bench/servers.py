@@ -10,6 +10,7 @@ from pathlib import Path
 
 from bench.models import Model, stock_model_config, variant
 from common.io import write_text
+from handlers.archive import ModelConfig
 from servers.fastapi import FastAPIPeer
 from servers.litserve import LitServePeer
 from servers.peer import Peer
@@ -21,6 +22,9 @@ PERFORMANCE_PROPERTIES = (
     "default_workers_per_model", "job_queue_size", "async_logging", "metrics_mode", "disable_system_metrics",
     "number_of_netty_threads", "netty_client_threads", "vmargs",
 )  # fmt: skip
+# the servers' labels, in the report and results.json: TorchServe's defaults, what ships, what ships with batch
+# size 1, and the peers over the same serving core
+STOCK, TUNED, TUNED_BATCH_1 = "stock", "tuned", "tuned, batch 1"
 FASTAPI, LITSERVE = "FastAPI", "LitServe"
 PEERS = {FASTAPI: FastAPIPeer, LITSERVE: LitServePeer}
 
@@ -53,27 +57,31 @@ def write_stock_properties(path: Path) -> Path:
     return path
 
 
-def describe(model_config: dict, props: dict[str, str]) -> str:
-    keys = ("minWorkers", "batchSize", "maxBatchDelay")
-    parts = [f"{k} {model_config[k]}" for k in keys if k in model_config]
-    parts.append(f"torch threads {model_config.get('handler', {}).get('threads', '?')}")
+def describe(config: ModelConfig, props: dict[str, str]) -> str:
+    parts = [f"minWorkers {config.workers}"] if config.workers is not None else []
+    parts += [f"batchSize {config.batch_size}", f"maxBatchDelay {config.max_batch_delay_ms}"]
+    parts.append(f"torch threads {config.handler.get('threads', '?')}")
     parts += [f"{k}={v}" for k, v in props.items() if k in PERFORMANCE_PROPERTIES]
     return ", ".join(parts)
 
 
 def comparison(
-    model: Model, shipped: dict, workdir: Path, plan, goal_connections: int, default_threads: int, peers: Iterable[str]
+    model: Model,
+    shipped: ModelConfig,
+    workdir: Path,
+    plan,
+    goal_connections: int,
+    default_threads: int,
+    peers: Iterable[str],
 ) -> list[Server]:
     """stock, tuned (what ships), tuned with batch size 1 (at the goal's connection count and above), `peers`."""
-    stock = variant(model, workdir, "stock", stock_model_config(shipped, default_threads))
-    single = variant(model, workdir, "tuned_b1", {**shipped, "batchSize": 1})
+    stock = variant(model, workdir, STOCK, stock_model_config(shipped, default_threads))
+    single = variant(model, workdir, "tuned_b1", shipped.changed(batch_size=1))
     conns, rates = plan.connections, plan.rates
     servers = [
-        Server("stock", conns, rates, stock, write_stock_properties(workdir / "stock.properties")),
-        Server("tuned", conns, rates, model.mar.parent, CONFIG_PROPERTIES),
-        Server(
-            "tuned, batch 1", [c for c in conns if c >= goal_connections] or conns[-1:], [], single, CONFIG_PROPERTIES
-        ),
+        Server(STOCK, conns, rates, stock, write_stock_properties(workdir / "stock.properties")),
+        Server(TUNED, conns, rates, model.mar.parent, CONFIG_PROPERTIES),
+        Server(TUNED_BATCH_1, [c for c in conns if c >= goal_connections] or conns[-1:], [], single, CONFIG_PROPERTIES),
     ]
     return [*servers, *(Server(peer, conns, rates) for peer in peers)]
 

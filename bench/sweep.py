@@ -2,25 +2,27 @@
 
 from pathlib import Path
 
-from bench.models import BenchError, Model, merge, variant
+from bench.models import BenchError, Model, variant
 from bench.report import median_rows
 from bench.servers import Server
 from common.io import write_text
+from handlers.archive import ModelConfig
 from servers.torchserve import CONFIG_PROPERTIES
 
-# Candidates for --sweep: (label, model-config.yaml changes, config.properties changes) over the shipped settings.
+# Candidates for --sweep: (label, ModelConfig changes, config.properties changes) over the shipped settings.
+SHIPPED = "shipped"  # the candidate that changes nothing: every other is compared to it
 SWEEP: list[tuple[str, dict, dict]] = [
-    ("shipped", {}, {}),
-    ("batch 1", {"batchSize": 1}, {}),
-    ("batch 4", {"batchSize": 4}, {}),
-    ("batch 8", {"batchSize": 8}, {}),
-    ("batch 16", {"batchSize": 16}, {}),
-    ("batch 32", {"batchSize": 32}, {}),
-    ("delay 0 ms", {"maxBatchDelay": 0}, {}),
-    ("delay 1 ms", {"maxBatchDelay": 1}, {}),
-    ("delay 10 ms", {"maxBatchDelay": 10}, {}),
-    ("2 workers", {"minWorkers": 2, "maxWorkers": 2}, {}),
-    ("delay 1 ms, 2 workers", {"maxBatchDelay": 1, "minWorkers": 2, "maxWorkers": 2}, {}),
+    (SHIPPED, {}, {}),
+    ("batch 1", {"batch_size": 1}, {}),
+    ("batch 4", {"batch_size": 4}, {}),
+    ("batch 8", {"batch_size": 8}, {}),
+    ("batch 16", {"batch_size": 16}, {}),
+    ("batch 32", {"batch_size": 32}, {}),
+    ("delay 0 ms", {"max_batch_delay_ms": 0}, {}),
+    ("delay 1 ms", {"max_batch_delay_ms": 1}, {}),
+    ("delay 10 ms", {"max_batch_delay_ms": 10}, {}),
+    ("2 workers", {"workers": 2}, {}),
+    ("delay 1 ms, 2 workers", {"max_batch_delay_ms": 1, "workers": 2}, {}),
     ("torch threads 2", {"handler": {"threads": 2}}, {}),
     ("synchronous logging", {}, {"async_logging": "false"}),
     ("netty threads 1+1", {}, {"number_of_netty_threads": "1", "netty_client_threads": "1"}),
@@ -54,7 +56,7 @@ QUIET_LOG4J = """<?xml version="1.0" encoding="UTF-8"?>
 
 
 def sweep_servers(
-    model: Model, shipped: dict, workdir: Path, connections: list[int], labels: list[str] | None
+    model: Model, shipped: ModelConfig, workdir: Path, connections: list[int], labels: list[str] | None
 ) -> list[Server]:
     """The candidates named by `labels` (all when None), each at `connections` connections."""
     chosen = [c for c in SWEEP if not labels or c[0] in labels]
@@ -62,7 +64,7 @@ def sweep_servers(
         raise BenchError(f"no sweep variant among {labels}: use {[c[0] for c in SWEEP]}")
     write_text(workdir / "log4j2-quiet.xml", QUIET_LOG4J)
     return [
-        Server(label, connections, [], variant(model, workdir / model.key, label, merge(shipped, changes)),
+        Server(label, connections, [], variant(model, workdir / model.key, label, shipped.changed(**changes)),
                CONFIG_PROPERTIES,
                {k: v.format(workdir=workdir) for k, v in props.items()})
         for label, changes, props in chosen
@@ -88,11 +90,11 @@ def sweep_report(results: dict, model: str, connections: list[int]) -> str:
     for label, _, _ in SWEEP:
         cells, failures = [], 0
         for c in connections:
-            m, base = medians.get((label, c)), medians.get(("shipped", c))
+            m, base = medians.get((label, c)), medians.get((SHIPPED, c))
             if not m:
                 cells.append("")
                 continue
-            rel = f" ({m['rps'] / base['rps']:.2f}×)" if base and base["rps"] and label != "shipped" else ""
+            rel = f" ({m['rps'] / base['rps']:.2f}×)" if base and base["rps"] and label != SHIPPED else ""
             cells.append(f"{m['rps']:.0f}{rel} · {m['p50_ms']:.1f} / {m['p99_ms']:.1f}")
             failures += m["failures"]
         last = medians.get((label, connections[-1]))

@@ -14,29 +14,26 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 
 from bench import wrk
 from common.config import ROOT
+from common.images import encode
 from common.io import atomic_dir, write_json
 from handlers import files, runtime
-from loadtest.checks import encode
 from servers.torchserve import TorchServe
 from training import variants
 from training.archive import archive
 from training.data import load_split
 from training.export import inference_module
 from training.model import Classifier
+from training.photos import PHOTO_SIZE, PHOTOS
 from training.pipeline import run
 from training.train import CHECKPOINT
 
 BATCHES = (1, 8, 32)
 REPORTS = ROOT / "reports" / "variants"
-PHOTOS = ROOT / "data" / "raw" / "photos"
-PHOTO_SIZE = 224
 # ResNet-18 on 224x224 RGB "photos" made from the digits (make variants ARGS=--photos)
 PHOTO_OVERRIDES = [
     "data=folder",
@@ -51,28 +48,6 @@ PHOTO_OVERRIDES = [
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def make_photos(root: Path = PHOTOS, seed: int = 0) -> Path:
-    """A 224x224 RGB image folder, root/<digit>/<i>.jpg: each of scikit-learn's 1,797 digits enlarged to 160x160,
-    dark on a light background, both in random colours, with noise, at a random offset. Made once, atomically."""
-    if root.is_dir():
-        return root
-    from sklearn.datasets import load_digits
-
-    digits, rng = load_digits(), np.random.default_rng(seed)
-    with atomic_dir(root) as tmp:
-        for i, (image, label) in enumerate(zip(digits.images, digits.target, strict=True)):
-            glyph = np.asarray(Image.fromarray((image * 16).astype(np.uint8)).resize((160, 160), Image.BILINEAR))
-            alpha = glyph[..., None].astype(np.float32) / 255
-            bg, fg = rng.integers(160, 256, 3), rng.integers(0, 96, 3)  # any colours, the digit always darker
-            canvas = np.broadcast_to(bg, (PHOTO_SIZE, PHOTO_SIZE, 3)).astype(np.float32).copy()
-            y, x = rng.integers(0, PHOTO_SIZE - 160, 2)
-            canvas[y : y + 160, x : x + 160] = alpha * fg + (1 - alpha) * canvas[y : y + 160, x : x + 160]
-            canvas += rng.normal(0, 8, canvas.shape)
-            (tmp / str(label)).mkdir(exist_ok=True)
-            Image.fromarray(canvas.clip(0, 255).astype(np.uint8)).save(tmp / str(label) / f"{i}.jpg", quality=90)
-    return root
 
 
 def images_per_second(model: runtime.Model, images: torch.Tensor, batch: int, seconds: float) -> float:

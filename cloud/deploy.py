@@ -23,8 +23,8 @@ from omegaconf import DictConfig
 from common.cli import BundleError
 from common.config import ROOT
 from common.io import write_text
-from experiments.lineage import git_state
 from servers.torchserve import read_properties
+from training.lineage import git_state
 
 CLOUDBUILD = ROOT / "cloud" / "cloudbuild.yaml"
 CLOUDBUILD_GPU = ROOT / "cloud" / "cloudbuild-gpu.yaml"

@@ -1,6 +1,6 @@
-"""Profiling. Training: Lightning's profilers from `trainer.profiler` (training_profiler). Serving: the serving
-core on real archived payloads at several batch sizes with torch.profiler (top operators, Chrome traces), and
-a live TorchServe worker under Locust load sampled with py-spy (flame graph, top functions).
+"""The serving profile: the serving core on real archived payloads at several batch sizes with torch.profiler
+(top operators, Chrome traces), and a live TorchServe worker under Locust load sampled with py-spy (flame graph,
+top functions). Training is profiled by `trainer.profiler` (training/profiler.py).
 """
 
 import functools
@@ -20,8 +20,14 @@ import torch
 from omegaconf import DictConfig
 
 from common.cli import BundleError
+from common.images import encode
 from common.io import write_json, write_text
+from handlers.archive import mar_file, unpack
 from handlers.classifier import ImageClassifier
+from loadtest.locust_process import run_locust
+from servers.fastapi import load_classifier
+from servers.torchserve import TorchServe
+from training.data import load_split
 
 log = logging.getLogger(__name__)
 
@@ -33,27 +39,8 @@ class ProfileError(BundleError):
     """A profile could not be taken; the message says why."""
 
 
-def training_profiler(kind: str | None, folder: str | Path):
-    """Lightning's profiler for `trainer.profiler` (None: no profiling), writing into `folder`."""
-    if kind in (None, "", "none"):
-        return None
-    from lightning.pytorch.profilers import AdvancedProfiler, PyTorchProfiler, SimpleProfiler
-
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    if kind == "simple":
-        return SimpleProfiler(dirpath=folder, filename="simple")
-    if kind == "advanced":
-        return AdvancedProfiler(dirpath=folder, filename="advanced")
-    if kind == "pytorch":  # a Chrome trace per profiled stage (*.pt.trace.json) and a table of operators
-        return PyTorchProfiler(dirpath=folder, filename="pytorch", row_limit=25)
-    raise ProfileError(f"unknown trainer.profiler {kind!r}: simple, advanced, pytorch or null")
-
-
 def payloads(data_dir: Path | str) -> list[bytes]:
     """The test split as PNG bodies: what clients send."""
-    from loadtest.checks import encode
-    from training.data import load_split
-
     images, _ = load_split(data_dir, "test")
     return [encode(image) for image in images.numpy()]
 
@@ -153,9 +140,6 @@ def top_frames(collapsed: Path, limit: int = 12) -> dict:
 def live(mar: Path, cfg: DictConfig, out: Path, seconds: float, users: int) -> dict:
     """A real TorchServe serving `mar` under Locust (raw PNG, closed loop); py-spy samples its worker twice:
     a flame graph, then collapsed stacks for the numbers."""
-    from loadtest.runner import run_locust
-    from servers.torchserve import TorchServe
-
     with (
         tempfile.TemporaryDirectory(prefix="profile-") as tmp,
         TorchServe(mar.parent, {cfg.name: mar.name}, Path(tmp) / "torchserve", ports={}) as server,
@@ -215,17 +199,13 @@ def report(name: str, rows: list[dict], worker: dict | None) -> str:
 
 def profile(cfg: DictConfig, out: Path, batches: list[int], calls: int, seconds: float, users: int) -> Path:
     """Both serving profiles of the archived model; `seconds=0` skips the live server. Returns the report."""
-    from servers.fastapi import load_classifier
-
-    mar = Path(cfg.paths.model_store) / f"{cfg.name}.mar"
+    mar = Path(cfg.paths.model_store) / mar_file(cfg.name)
     if not mar.is_file():
         raise ProfileError(f"no archive {mar}: run `make pipeline` first")
     out.mkdir(parents=True, exist_ok=True)
     bodies = payloads(cfg.paths.data)
     previous = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="profile-") as tmp:
-        from training.archive import unpack
-
         classifier = load_classifier(mar, unpack(mar, tmp))
         torch.set_num_threads(classifier.settings.threads)  # as the worker does
         try:

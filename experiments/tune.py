@@ -22,7 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from common.cli import BundleError
 from common.config import CONFIG_DIR, load_config
 from common.io import write_json, write_text
-from experiments import tracking
+from training import tracking
+from training.plots import save
+from training.train import train
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +130,6 @@ def study_run(cfg: DictConfig, study: optuna.Study):
 def objective(trial: optuna.Trial, cfg: DictConfig, user: list[str], specs: list[dict], parent) -> float:
     from optuna_integration import PyTorchLightningPruningCallback
 
-    from training.train import train
-
     settings = cfg.tune
     values = {spec["key"]: suggest(trial, spec) for spec in specs}
     sampled = overrides(cfg, specs, values)
@@ -208,8 +208,6 @@ def trials_csv(study: optuna.Study) -> str:
 def plots(study: optuna.Study, out: Path) -> list[Path]:
     """Optimisation history, intermediate values (the pruned trials) and parameter importances, as PNG."""
     from optuna.visualization import matplotlib as vis
-
-    from experiments.plots import save
 
     written = []
     for name, draw in (

@@ -2,5 +2,6 @@
 
 decode.py: request payloads -> uint8 RGB tensors; classifier.py: tensors -> model -> answers;
 drift.py: what served traffic looks like against the training reference; handler.py: the
-TorchServe adapter. Only handler.py imports TorchServe.
+TorchServe adapter; files.py and archive.py: the archive's layout and reading it (for the tools outside
+TorchServe). Only handler.py imports TorchServe.
 """

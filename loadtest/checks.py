@@ -1,11 +1,7 @@
 """What a load test sends (request forms, PNG test images, the token) and how it judges an answer."""
 
-import io
 import json
 from pathlib import Path
-
-import numpy as np
-from PIL import Image
 
 FORMS = ("raw", "multipart", "json", "instances")
 
@@ -22,14 +18,6 @@ def parse_mix(text: str) -> dict[str, float]:
     if not mix:
         raise ValueError(f"mix {text!r} has no form with a positive weight")
     return mix
-
-
-def encode(image: np.ndarray) -> bytes:
-    """uint8 [C, H, W] -> PNG bytes."""
-    pil = Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
-    buf = io.BytesIO()
-    pil.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def read_token(path: Path | str) -> str:

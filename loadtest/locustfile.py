@@ -34,8 +34,9 @@ import numpy as np
 from locust import FastHttpUser, events, task
 
 from common.config import load_config
+from common.images import encode
 from common.io import write_json
-from loadtest.checks import check_answer, encode, parse_mix, read_token
+from loadtest.checks import check_answer, parse_mix, read_token
 from loadtest.summary import MALFORMED_PREFIX, summarize
 
 DEFAULTS = load_config(config_name="loadtest").loadtest

@@ -12,7 +12,6 @@ import base64
 import html
 import io
 import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +21,10 @@ from omegaconf import DictConfig, OmegaConf
 from common.cli import BundleError
 from common.io import write_json, write_text
 from handlers import files
+from handlers.archive import BadArchive, members, read_manifest, read_model_config, unpack
 from handlers.classifier import ImageClassifier, Settings
 from handlers.decode import suffixes
 from handlers.drift import FEATURES, features, scores
-from training.archive import read_manifest, read_model_config, unpack
 
 MIN_IMAGES = 30  # fewer images make the KS statistics noisy; the report says so
 NEEDED = (files.MODEL, files.LABELS, files.REFERENCE)
@@ -58,12 +57,11 @@ def locate(artifacts: Path, mar: Path | None, fallback: Path, workdir: Path) -> 
         where = f"archive {archive}" if mar else f"{' + '.join(NEEDED)} in {artifacts}, nor {archive}"
         raise DriftReportError(f"no {where}: run `make export` and `make archive`, or pass --mar")
     try:
-        with zipfile.ZipFile(archive) as z:
-            needed = {read_manifest(archive)["model"]["serializedFile"], files.LABELS, files.REFERENCE}
-            missing = needed - set(z.namelist())
-        handler = read_model_config(archive).get("handler")
-    except (zipfile.BadZipFile, KeyError, ValueError) as err:
-        raise DriftReportError(f"{archive} is not a model archive ({err}): rebuild it with `make archive`") from None
+        needed = {read_manifest(archive)["model"]["serializedFile"], files.LABELS, files.REFERENCE}
+        missing = needed - members(archive)
+        handler = read_model_config(archive).handler
+    except BadArchive as err:
+        raise DriftReportError(f"{err}: rebuild it with `make archive`") from None
     if missing:
         raise DriftReportError(f"{archive} has no {sorted(missing)}: rebuild it with `make archive`")
     return unpack(archive, workdir), handler, str(archive)

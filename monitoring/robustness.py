@@ -20,8 +20,8 @@ from torch import Tensor
 
 from common.cli import BundleError, one_line_errors
 from common.io import atomic_path
-from experiments import tracking
 from monitoring.shifts import SHIFTS, check, shift
+from training import tracking
 from training.data import load_split
 from training.export import as_rgb
 

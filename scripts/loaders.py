@@ -7,15 +7,15 @@
 Without --folder it measures a generated folder of --images JPEGs (--image-px square, textured) in
 data/raw/loader-bench. Images are decoded and resized at run time as the data stage does it, then the
 training augmentation runs on each batch. Hydra overrides (last) pick data.batch_size, data.image_size, augment.
-The library is training/loaders.py.
+The library is bench/loaders.py.
 """
 
 import argparse
 from pathlib import Path
 
+from bench.loaders import make_folder, run
 from common.cli import one_line_errors
 from common.config import load_config
-from training.loaders import make_folder, run
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,7 @@ import os
 
 from common.cli import one_line_errors
 from common.config import load_config
-from loadtest.run import load_test
+from loadtest.slo import load_test
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,7 @@ import sys
 
 from common.cli import one_line_errors
 from common.config import ROOT
-from monitoring.prometheus import ALERTS_YML, PROMETHEUS_YML, derived_config, install, metrics_target, promtool
+from monitoring.prometheus_config import ALERTS_YML, PROMETHEUS_YML, derived_config, install, metrics_target, promtool
 from servers.process import ServerError
 from servers.prometheus import Prometheus
 from servers.torchserve import CONFIG_PROPERTIES

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from common.cli import one_line_errors
 from common.config import ROOT, load_config
+from handlers.archive import mar_file
 from servers.process import ServerError
 from servers.torchserve import CONFIG_PROPERTIES, TorchServe
 
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     with one_line_errors():
         cfg = load_config(args.overrides)
         samples = sorted((Path(cfg.paths.data) / "samples").glob("*.png"))
-        server = TorchServe(cfg.paths.model_store, {cfg.name: f"{cfg.name}.mar"}, args.workdir, args.config)
+        server = TorchServe(cfg.paths.model_store, {cfg.name: mar_file(cfg.name)}, args.workdir, args.config)
         try:
             with server:
                 print(f"starting TorchServe for {cfg.name} (logs in {server.workdir}) ...", flush=True)

@@ -19,6 +19,7 @@ from bench import variants
 from common.cli import one_line_errors
 from common.config import load_config
 from handlers import files
+from training.photos import make_photos
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     with one_line_errors():
         overrides = list(args.overrides)
         if args.photos:
-            variants.make_photos()
+            make_photos()
             overrides = [*variants.PHOTO_OVERRIDES, *overrides]
         cfg = load_config(overrides)
         command = shlex.join(["python", "-m", "scripts.variants", *(argv if argv is not None else sys.argv[1:])])

@@ -17,10 +17,10 @@ from fastapi import Depends, HTTPException, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from handlers.archive import read_manifest, read_model_config
 from handlers.classifier import Result
 from servers.fastapi import serving_core, tcp_nodelay_everywhere
 from servers.peer import MAR, Peer, authorized, error, json_response
-from training.archive import read_manifest, read_model_config
 
 
 async def raw_body(request: Request) -> bytes:
@@ -58,8 +58,8 @@ def server(mar: str, workers: int) -> litserve.LitServer:
     """The archive's model at /predictions/<name>, batched as its model-config says (TorchServe's defaults else)."""
     config, name = read_model_config(mar), read_manifest(mar)["model"]["modelName"]
     api = ServingCore(
-        max_batch_size=config.get("batchSize", 1),
-        batch_timeout=config.get("maxBatchDelay", 100) / 1000,
+        max_batch_size=config.batch_size,
+        batch_timeout=config.max_batch_delay_ms / 1000,
         api_path=f"/predictions/{name}",
     )
     lit = litserve.LitServer(

@@ -10,8 +10,8 @@ import urllib.request
 from pathlib import Path
 
 from common.config import ROOT
+from handlers.archive import unpack
 from servers.process import Process, free_port
-from training.archive import unpack
 
 MAR, MODEL_DIR, TOKEN = "PEER_MAR", "PEER_MODEL_DIR", "PEER_TOKEN"  # what the apps read
 

@@ -1,6 +1,6 @@
 """Our own Prometheus process: a free loopback port (or a given one), storage in its own folder.
 
-It never meets a system service on :9090. The config it reads comes from monitoring/prometheus.py.
+It never meets a system service on :9090. The config it reads comes from monitoring/prometheus_config.py.
 """
 
 import json

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from common.images import to_pil
+
 
 def call(url: str, body: bytes | None = None, headers: dict | None = None, method: str | None = None, timeout=30):
     """(status, raw body) of one request; HTTP errors are answers too."""
@@ -44,8 +46,7 @@ def post(base: str, model: str, data: bytes, content_type: str, headers: dict | 
 
 def png(image: np.ndarray | torch.Tensor, fmt: str = "PNG", scale: int = 1, **save) -> bytes:
     """uint8 [C, H, W] -> encoded image bytes, optionally upscaled (nearest) by `scale`."""
-    array = np.asarray(image)
-    pil = Image.fromarray(array[0] if array.shape[0] == 1 else array.transpose(1, 2, 0))
+    pil = to_pil(image)
     if scale != 1:
         pil = pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
     buf = io.BytesIO()

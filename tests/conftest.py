@@ -11,11 +11,11 @@ from PIL import Image
 
 from common.config import ROOT, load_config
 from handlers import files, runtime
+from handlers.archive import unpack
 from handlers.classifier import Settings
 from handlers.decode import decode_image
 from servers.torchserve import TorchServe
 from tests import client
-from training.archive import unpack
 from training.data import load_split
 from training.export import inference_module
 from training.model import Classifier

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 import training.archive as archive_module
 from common.config import load_config
 from handlers import files
+from handlers.archive import BadArchive, ModelConfig, read_manifest, read_model_config
 from training.archive import (
     HANDLER,
     ArchiveError,
@@ -16,8 +17,6 @@ from training.archive import (
     check,
     handler_files,
     model_config,
-    read_manifest,
-    read_model_config,
 )
 
 
@@ -36,8 +35,8 @@ def test_mar_holds_model_handler_labels_and_config(cfg, mar, model_dir):
         assert (model_dir / name).is_file(), name
     config = read_model_config(mar)
     assert config == model_config(cfg)
-    assert config["batchSize"] == cfg.serve.batch_size
-    assert config["handler"]["top_k"] == cfg.serve.handler.top_k
+    assert config.batch_size == cfg.serve.batch_size
+    assert config.handler["top_k"] == cfg.serve.handler.top_k
 
 
 def test_check_rejects_a_wrong_archive(cfg, mar):
@@ -97,3 +96,22 @@ def test_a_write_that_fails_midway_leaves_the_previous_archive_intact(cfg, mar, 
         archive(OmegaConf.merge(cfg, {"paths": {"model_store": str(store)}}))
     assert target.read_bytes() == before
     assert sorted(p.name for p in store.iterdir()) == [mar.name]
+
+
+def test_model_config_round_trips_and_fills_in_torchserve_defaults():
+    written = {"minWorkers": 2, "maxWorkers": 2, "batchSize": 8, "maxBatchDelay": 5, "responseTimeout": 30}
+    written |= {"handler": {"top_k": 3}, "deviceType": "gpu"}
+    config = ModelConfig.from_dict(written)
+    assert (config.workers, config.batch_size, config.max_batch_delay_ms) == (2, 8, 5)
+    assert config.other == {"deviceType": "gpu"} and config.to_dict() == written
+    bare = ModelConfig.from_dict({"handler": {"top_k": 1}})
+    assert (bare.workers, bare.batch_size, bare.max_batch_delay_ms, bare.response_timeout_s) == (None, 1, 100, 120)
+    assert "minWorkers" not in bare.to_dict()
+    assert config.changed(batch_size=1, handler={"threads": 2}).handler == {"top_k": 3, "threads": 2}
+
+
+def test_reading_a_file_that_is_no_archive_says_so(tmp_path):
+    bad = tmp_path / "x.mar"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(BadArchive, match="x.mar is not a model archive"):
+        read_manifest(bad)

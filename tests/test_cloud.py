@@ -13,10 +13,10 @@ import yaml
 
 from cloud import deploy, vertex
 from common.config import load_config
+from handlers.archive import read_manifest
 from scripts.deploy import main as deploy_main
 from servers.process import free_port
 from servers.torchserve import read_properties
-from training.archive import read_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 CLOUD = ROOT / "cloud"

@@ -13,13 +13,15 @@ import pytest
 from mlflow import MlflowClient
 
 from common.config import ROOT, load_config
-from experiments import lineage, tracking
-from experiments.profile import core, py_spy, top_frames, training_profiler
+from experiments.profile import core, py_spy, top_frames
 from experiments.tune import open_study, tune
 from handlers import files
+from handlers.archive import read_lineage, unpack
 from servers.fastapi import load_classifier
 from tests import client
-from training.archive import ArchiveError, archive, read_lineage, unpack
+from training import lineage, tracking
+from training.archive import ArchiveError, archive
+from training.profiler import training_profiler
 from training.train import train
 
 SHORT = ["trainer.max_epochs=2", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu"]
@@ -257,7 +259,7 @@ def test_pytorch_profiler_writes_a_trace(cfg, dataset, tmp_path):
 
 
 def test_serving_core_profile_names_its_steps(mar, dataset, tmp_path):
-    from loadtest.checks import encode
+    from common.images import encode
     from training.data import load_split
 
     images, _ = load_split(dataset, "test")

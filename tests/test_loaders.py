@@ -2,8 +2,8 @@
 
 import json
 
+from bench.loaders import make_folder, settings
 from scripts.loaders import main
-from training.loaders import make_folder, settings
 
 
 def test_loader_benchmark_on_a_tiny_folder(tmp_path):

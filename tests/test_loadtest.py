@@ -7,7 +7,7 @@ import json
 import pytest
 
 from loadtest.checks import check_answer, parse_mix
-from loadtest.runner import run_locust
+from loadtest.locust_process import run_locust
 from loadtest.summary import check_slo, summarize
 from scripts.loadtest import main
 

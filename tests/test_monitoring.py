@@ -27,7 +27,7 @@ import yaml
 from common import apt
 from common.cli import BundleError
 from common.config import load_config
-from monitoring.prometheus import (
+from monitoring.prometheus_config import (
     ALERTS_YML,
     PROMETHEUS_YML,
     PrometheusError,

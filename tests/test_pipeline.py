@@ -11,7 +11,7 @@ import yaml
 
 from common.config import ROOT, load_config
 from handlers import files
-from training.archive import read_manifest
+from handlers.archive import mar_file, read_manifest
 from training.pipeline import COMMANDS, stages
 
 DVC = str(Path(sys.executable).parent / "dvc")
@@ -68,7 +68,7 @@ def test_dvc_repro_push_and_pull(tmp_path):
     first = run([DVC, "repro"], repo).stdout
     dvc = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
     assert [stage for stage in dvc if f"Running stage '{stage}'" not in first] == [], first
-    assert read_manifest(repo / cfg.paths.model_store / f"{cfg.name}.mar")["model"]["modelName"] == cfg.name
+    assert read_manifest(repo / cfg.paths.model_store / mar_file(cfg.name))["model"]["modelName"] == cfg.name
     second = run([DVC, "repro"], repo).stdout
     unchanged = all(f"Stage '{stage}' didn't change" in second for stage in dvc)
     assert "Running stage" not in second and ("Data and pipelines are up to date" in second or unchanged), second
@@ -145,6 +145,24 @@ def test_nothing_outside_scripts_and_tests_imports_scripts():
     }
     assert python_files("training", "handlers", "servers", "common")  # the walk sees the libraries
     assert {path: names for path, names in offenders.items() if names} == {}
+
+
+# The folders bottom to top: each imports only from the layers below it, so no import points up and none
+# makes a cycle. handlers/ is packed into the .mar and imports nothing of the bundle's.
+LAYERS = [["common"], ["handlers"], ["training", "servers"], ["loadtest", "monitoring"], ["bench", "cloud"]]
+LAYERS += [["experiments"], ["scripts"]]  # the search and the serving profile drive everything below them
+
+
+def test_every_folder_imports_only_from_the_layers_below():
+    level = {folder: n for n, folders in enumerate(LAYERS) for folder in folders}
+    upward = []
+    for path in python_files(*level):
+        folder = path.relative_to(ROOT).parts[0]
+        tops = {name.split(".")[0] for name in imported(path)} & set(level)
+        upward += [
+            f"{path.relative_to(ROOT)} imports {top}" for top in sorted(tops - {folder}) if level[top] >= level[folder]
+        ]
+    assert upward == []
 
 
 def test_scripts_define_no_classes():

@@ -9,11 +9,12 @@ import sys
 import pytest
 import torch
 
+from handlers.archive import read_manifest, read_model_config
 from handlers.classifier import ImageClassifier
 from handlers.decode import InputError, decode_image, images_in
 from handlers.handler import GAUGE_EVERY_S, Handler
 from tests.client import close, metric_lines, metric_name, png
-from training.archive import handler_files, read_manifest, read_model_config
+from training.archive import handler_files
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def core(model_dir, settings, cfg):
 @pytest.fixture(scope="module")
 def archived(mar, model_dir):
     """What TorchServe hands the handler for the session's archive: model_dir, manifest, model-config."""
-    return model_dir, read_manifest(mar), read_model_config(mar)
+    return model_dir, read_manifest(mar), read_model_config(mar).to_dict()
 
 
 @pytest.fixture(scope="module")

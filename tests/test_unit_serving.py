@@ -198,7 +198,7 @@ def test_drift_summary_goes_from_collecting_to_ok_to_drift(tiny_dir, tiny_dir_wi
 def adapter(tiny_dir_with_reference, cfg, make_context):
     """The TorchServe adapter initialised as a worker would be, with a stand-in context; returns (handler, context)."""
     manifest = {"model": {"modelName": "tiny", "modelVersion": "0.1", "serializedFile": files.MODEL}}
-    config = model_config(cfg)  # what the archive's model-config.yaml holds
+    config = model_config(cfg).to_dict()  # what the archive's model-config.yaml holds
     threads = torch.get_num_threads()
     handler = Handler()
     handler.initialize(make_context(tiny_dir_with_reference, manifest, config))

@@ -10,10 +10,11 @@ from omegaconf import OmegaConf
 
 from bench import variants as bench_variants
 from handlers import files, runtime
+from handlers.archive import read_manifest
 from servers.torchserve import TorchServe
 from tests import client
 from training import variants
-from training.archive import archive, read_manifest
+from training.archive import archive
 from training.data import load_split
 from training.train import CHECKPOINT
 

@@ -1,4 +1,4 @@
-"""Pack the exported model into <model_store>/<name>.mar, and read archives back.
+"""Pack the exported model into <model_store>/<name>.mar (handlers/archive.py reads archives back).
 
 The archive holds the model file of `export.variant` (with its preprocessing; the one CPU workers run), the portable
 model.pt for workers given a GPU where that variant runs on CPUs only (`archive.gpu_file`), handler.py at its root (what
@@ -7,7 +7,6 @@ the lineage (training run, data hash, git commit) and a model-config.yaml built 
 section. It refuses a model whose run it cannot identify unless `archive.require_lineage=false`.
 """
 
-import json
 import logging
 import os
 import shutil
@@ -17,14 +16,14 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from common.cli import BundleError
 from common.config import ROOT
 from common.io import atomic_path, write_json
-from experiments import lineage
 from handlers import files
+from handlers.archive import ModelConfig, mar_file, read_manifest
+from training import lineage
 
 log = logging.getLogger(__name__)
 
@@ -36,40 +35,16 @@ class ArchiveError(BundleError):
     pass
 
 
-def model_config(cfg: DictConfig) -> dict:
+def model_config(cfg: DictConfig) -> ModelConfig:
     """TorchServe's per-model settings; the handler reads its own `handler:` section."""
     serve = cfg.serve
-    return {
-        "minWorkers": serve.workers,
-        "maxWorkers": serve.workers,
-        "batchSize": serve.batch_size,
-        "maxBatchDelay": serve.max_batch_delay_ms,
-        "responseTimeout": serve.response_timeout_s,
-        "handler": OmegaConf.to_container(serve.handler, resolve=True),
-    }
-
-
-def read_manifest(mar: Path | str) -> dict:
-    with zipfile.ZipFile(mar) as z:
-        return json.loads(z.read(files.MANIFEST))
-
-
-def read_model_config(mar: Path | str) -> dict:
-    with zipfile.ZipFile(mar) as z:
-        return yaml.safe_load(z.read(files.MODEL_CONFIG))
-
-
-def read_lineage(mar: Path | str) -> dict | None:
-    """The training run, data hash and git commit the archive's model comes from (None: an older archive)."""
-    with zipfile.ZipFile(mar) as z:
-        return json.loads(z.read(files.LINEAGE)) if files.LINEAGE in z.namelist() else None
-
-
-def unpack(mar: Path | str, folder: Path | str) -> Path:
-    """Extract the archive into `folder`: the layout a TorchServe worker sees as its model_dir."""
-    with zipfile.ZipFile(mar) as z:
-        z.extractall(folder)
-    return Path(folder)
+    return ModelConfig(
+        workers=serve.workers,
+        batch_size=serve.batch_size,
+        max_batch_delay_ms=serve.max_batch_delay_ms,
+        response_timeout_s=serve.response_timeout_s,
+        handler=OmegaConf.to_container(serve.handler, resolve=True),
+    )
 
 
 def handler_files() -> list[Path]:
@@ -104,7 +79,7 @@ def archive(cfg: DictConfig) -> Path:
     if cfg.serve.max_batch_delay_ms < 1:
         raise ArchiveError(
             f"serve.max_batch_delay_ms={cfg.serve.max_batch_delay_ms}: use 1 or more "
-            "(TorchServe reads 0 as unset and waits its default 100 ms for every batch)"
+            f"(TorchServe reads 0 as unset and waits its default {ModelConfig.max_batch_delay_ms} ms for every batch)"
         )
     model, labels, reference = (artifacts / f for f in (files.VARIANTS[variant], files.LABELS, files.REFERENCE))
     gpu = [artifacts / files.MODEL] if cfg.archive.gpu_file and "cuda" not in files.REGISTRY[variant].devices else []
@@ -120,7 +95,7 @@ def archive(cfg: DictConfig) -> Path:
             )
         log.warning("packing %s without a full lineage: %s", model, "; ".join(found))
         record = {**(record or {}), "problems": found}
-    target = Path(cfg.paths.model_store) / f"{cfg.name}.mar"
+    target = Path(cfg.paths.model_store) / mar_file(cfg.name)
     with tempfile.TemporaryDirectory() as tmp:
         extra = Path(tmp) / "extra"  # its contents land at the archive's root
         (extra / HANDLERS.name).mkdir(parents=True)
@@ -130,7 +105,7 @@ def archive(cfg: DictConfig) -> Path:
             shutil.copy2(src, extra / src.name)
         write_json(extra / files.LINEAGE, record)
         config = Path(tmp) / files.MODEL_CONFIG
-        config.write_text(yaml.safe_dump(model_config(cfg), sort_keys=False))
+        config.write_text(model_config(cfg).to_yaml())
         cmd = [
             sys.executable, "-m", "model_archiver.model_packaging",
             "--model-name", cfg.name,
@@ -146,7 +121,7 @@ def archive(cfg: DictConfig) -> Path:
         run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": tmp})
         if run.returncode != 0:
             raise ArchiveError(f"torch-model-archiver failed: {run.stderr.strip().splitlines()[-1:]}")
-        built = Path(tmp) / f"{cfg.name}.mar"
+        built = Path(tmp) / mar_file(cfg.name)
         expected = {model.name, HANDLER.name, labels.name, reference.name, files.LINEAGE, config.name}
         expected |= {path.name for path in gpu}
         expected |= set(map(str, handler_files()))

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
 from common.cli import BundleError, one_line_errors
+from common.images import to_pil
 from common.io import atomic_dir
 from handlers.decode import InputError, decode_image, suffixes
 from training import shards
@@ -136,11 +137,6 @@ def build_splits(cfg: DictConfig) -> tuple[dict[str, tuple[np.ndarray, np.ndarra
         raise DataError(f"unknown data.source {data.source!r}: digits, folder, {', '.join(TORCHVISION)}")
     idx = split_indices(labels, data.val_fraction, data.test_fraction, cfg.seed)
     return {s: (images[idx[s]], labels[idx[s]]) for s in SPLITS}, classes
-
-
-def to_pil(image: np.ndarray) -> Image.Image:
-    """uint8 [C, H, W] -> PIL image (L or RGB)."""
-    return Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))
 
 
 def write_samples(folder: Path, images: np.ndarray, labels: np.ndarray, classes: list[str]) -> None:

@@ -18,10 +18,9 @@ from torch import nn
 
 from common.cli import BundleError, one_line_errors
 from common.io import write_json
-from experiments import tracking
 from handlers import files
 from handlers.drift import Reference
-from training import variants
+from training import tracking, variants
 from training.data import DataError, load_split
 from training.model import Classifier
 from training.train import CHECKPOINT

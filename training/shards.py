@@ -21,6 +21,7 @@ from PIL import Image
 from torch import Tensor
 
 from common.cli import BundleError
+from common.images import encode
 
 PATTERN = "{split}-%06d.tar"
 
@@ -48,13 +49,6 @@ class Stats:
         return np.sqrt(np.maximum(self.squares / self.count - mean**2, 0)).clip(min=1e-3).tolist()
 
 
-def encode(image: np.ndarray) -> bytes:
-    """uint8 [C, H, W] -> PNG bytes (gray or RGB), lossless."""
-    buffer = io.BytesIO()
-    Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)).save(buffer, "PNG", compress_level=1)
-    return buffer.getvalue()
-
-
 def decode(sample: dict) -> tuple[Tensor, int]:
     """A WebDataset sample {"png": bytes, "cls": bytes} -> (uint8 [C, H, W], label)."""
     with Image.open(io.BytesIO(sample["png"])) as img:
@@ -72,7 +66,7 @@ def write(
         for index, (image, label) in enumerate(samples):
             if stats is not None:
                 stats.add(image)
-            sink.write({"__key__": f"{split}{index:09d}", "png": encode(image), "cls": int(label)})
+            sink.write({"__key__": f"{split}{index:09d}", "png": encode(image, compress_level=1), "cls": int(label)})
     return sorted(p.name for p in folder.glob(f"{split}-*.tar"))
 
 

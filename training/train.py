@@ -1,8 +1,8 @@
 """Train the classifier: `python -m training.train [Hydra overrides]`.
 
 Writes to `paths.artifacts`: model.ckpt (best by val accuracy), metrics.json and lineage.json (the tracked
-run, the data hash, the git commit: experiments/lineage.py). The `logger` config group picks the tracker
-(experiments/tracking.py); `trainer.profiler=simple|advanced|pytorch` profiles the run.
+run, the data hash, the git commit: training/lineage.py). The `logger` config group picks the tracker
+(training/tracking.py); `trainer.profiler=simple|advanced|pytorch` profiles the run.
 """
 
 import logging
@@ -18,10 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from common.cli import one_line_errors
 from common.io import write_json
-from experiments import lineage, plots, tracking
-from experiments.profile import training_profiler
+from training import lineage, plots, tracking
 from training.data import ImageDataModule, load_split
 from training.model import Classifier
+from training.profiler import training_profiler
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,9 @@ from urllib.parse import urlparse
 from omegaconf import DictConfig
 
 from common.config import ROOT
+from handlers.archive import mar_file
 from loadtest.checks import parse_mix, read_token
-from loadtest.runner import LoadTestError, run_locust
+from loadtest.locust_process import LoadTestError, run_locust
 from loadtest.summary import check_slo, format_summary
 from servers.process import port_free
 from servers.torchserve import CONFIG_PROPERTIES, TorchServe, read_properties
@@ -33,7 +34,7 @@ def target(cfg: DictConfig, host: str | None, token: str) -> Iterator[tuple[str,
         yield host, token
         return
     workdir = ROOT / "logs" / "loadtest" / "torchserve"
-    server = TorchServe(cfg.paths.model_store, {cfg.name: f"{cfg.name}.mar"}, workdir, ports={})
+    server = TorchServe(cfg.paths.model_store, {cfg.name: mar_file(cfg.name)}, workdir, ports={})
     print(f"starting TorchServe for {cfg.name} on {server.url('inference')} ...", flush=True)
     with server:
         print(f"READY after {server.wait_ready(180):.1f} s", flush=True)
