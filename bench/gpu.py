@@ -26,10 +26,11 @@ from bench.models import log
 from common.config import load_config
 from common.io import write_json, write_text
 from handlers import files
+from handlers.archive import unpack
 from handlers.classifier import ImageClassifier, Settings
 from handlers.decode import decode_image
 from handlers.drift import Reference
-from training.archive import archive, unpack
+from training.archive import archive
 from training.export import inference_module
 from training.model import Classifier
 from training.variants import build_torchscript

@@ -10,11 +10,9 @@ The GPU image installs CUDA torch (several GB of wheels): it is refused, before 
 engine's storage has less than GPU_DISK_GB free.
 """
 
-import functools
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -22,8 +20,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from common import apt
-from common.cli import BundleError
 from common.config import ROOT, load_config
+from common.engine import BUILDAH, ContainerError, as_root, buildah_image, engine, sh
 
 DOCKERFILE = ROOT / "Dockerfile"
 REQUIREMENTS = ROOT / "requirements.txt"
@@ -53,37 +51,12 @@ SLIM_APT = """DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cach
 APT::Update::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/*.bin || true"; };
 Dir::Cache::pkgcache ""; Dir::Cache::srcpkgcache "";
 """
-BUILDAH = {"buildah": "buildah", "debootstrap": "debootstrap"}  # command -> Debian package
-
-
-class ContainerError(BundleError):
-    """A build or run step failed; the message says which and what to do."""
-
-
-@functools.cache
-def as_root() -> list[str]:
-    """buildah and debootstrap run as root (its image store, chroots, mounts): directly, or through `sudo -n`."""
-    prefix = apt.as_root()
-    if prefix is None:
-        raise ContainerError("building without docker needs root: run as root, or give this user passwordless sudo")
-    return prefix
 
 
 def write_as_root(path: Path, text: str) -> None:
     """Write a file inside a root-owned tree (a mounted container)."""
     sh([*as_root(), "mkdir", "-p", str(path.parent)], capture_output=True)
     sh([*as_root(), "tee", str(path)], input=text, capture_output=True)
-
-
-def sh(cmd: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
-    try:
-        run = subprocess.run(cmd, text=True, **kw)
-    except subprocess.TimeoutExpired:
-        raise ContainerError(f"`{shlex.join(cmd[:4])} ...` did not finish within {kw['timeout']} s") from None
-    if check and run.returncode != 0:
-        tail = (run.stderr or run.stdout or "").strip().splitlines()[-3:] if kw.get("capture_output") else []
-        raise ContainerError(f"`{shlex.join(cmd[:4])} ...` failed with code {run.returncode}: {' | '.join(tail)}")
-    return run
 
 
 def dockerfile_arg(name: str, path: Path = DOCKERFILE) -> str:
@@ -108,25 +81,6 @@ def image_tag(overrides: list[str] | None = None, target: str = "runtime") -> tu
     """(model name, `<name><suffix>:<version>`) from the Hydra config; the suffix names the target (TARGETS)."""
     cfg = load_config(overrides)
     return cfg.name, f"{cfg.name}{TARGETS[target]}:{cfg.version}"
-
-
-def docker_works() -> bool:
-    if not shutil.which("docker"):
-        return False
-    return sh(["docker", "info"], check=False, capture_output=True, timeout=30).returncode == 0
-
-
-def engine(name: str = "auto") -> str:
-    """docker if its daemon answers, else buildah (with debootstrap, installed when missing); `name` forces one."""
-    if name == "docker" or (name == "auto" and docker_works()):
-        return "docker"
-    apt.ensure(BUILDAH, recommends=True)
-    return "buildah"
-
-
-def buildah_image(ref: str) -> dict | None:
-    run = sh([*as_root(), "buildah", "inspect", "--type", "image", ref], check=False, capture_output=True)
-    return json.loads(run.stdout) if run.returncode == 0 else None
 
 
 def ensure_base(base: str | None = None) -> str:

@@ -22,7 +22,7 @@ def profiles() -> list[str]:
 
 
 def torchserve_settings(profile: str) -> dict:
-    settings = model_config(load_config([f"serve={profile}"]))
+    settings = model_config(load_config([f"serve={profile}"])).to_dict()
     settings.pop("handler")
     return settings
 

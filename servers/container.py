@@ -1,7 +1,7 @@
 """Run a built serving image: its own entrypoint on the host network, as a server the tests and
 `python -m scripts.container run` start and stop (docker where its daemon answers, else buildah run).
 
-cloud/image.py builds the images and holds the engine helpers both share.
+cloud/image.py builds the images; common/engine.py holds the engine helpers both share.
 """
 
 import os
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from cloud.image import ContainerError, as_root, buildah_image, engine, sh
+from common.engine import ContainerError, as_root, buildah_image, engine, sh
 from servers.process import Process
 
 

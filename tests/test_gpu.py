@@ -19,12 +19,12 @@ from PIL import Image
 from torch import nn
 
 from handlers import files, runtime
+from handlers.archive import unpack
 from handlers.classifier import ImageClassifier, pick
 from handlers.decode import InputError, decode_batch, decode_image, decode_jpegs, nvjpeg_can, open_image, pixels
 from handlers.handler import Handler
 from tests import client
 from training import variants
-from training.archive import unpack
 from training.export import inference_module
 from training.variants import VariantError, build_torchscript, device_bound
 
