@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from cloud import image as container
+from common import engine as engines
 from common.cli import BundleError
 from common.config import load_config
 from scripts.container import main as container_main
@@ -289,10 +290,10 @@ def read_model_config_batch(mar: Path) -> int:
 @pytest.fixture(scope="module")
 def engine() -> str:
     """docker if its daemon answers, else buildah, installed here when missing (common/apt.py: root or sudo)."""
-    if container.docker_works():
+    if engines.docker_works():
         return "docker"
     try:
-        return container.engine("buildah")
+        return engines.engine("buildah")
     except (BundleError, OSError) as err:
         pytest.skip(f"no container engine: {err}")
 
@@ -313,9 +314,9 @@ def image(cfg, mar, engine, tmp_path_factory):
         yield tag, size
     finally:
         rmi = (
-            ["docker", "rmi", "-f", tag] if engine == "docker" else [*container.as_root(), "buildah", "rmi", "-f", tag]
+            ["docker", "rmi", "-f", tag] if engine == "docker" else [*engines.as_root(), "buildah", "rmi", "-f", tag]
         )
-        container.sh(rmi, check=False, capture_output=True)
+        engines.sh(rmi, check=False, capture_output=True)
 
 
 def wait_ready(ctr: Process, management: str, name: str, timeout: float = 120) -> float:
