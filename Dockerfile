@@ -11,6 +11,7 @@
 # (nvidia-* packages) and the NVIDIA container runtime mounts the host's driver.
 ARG BASE_IMAGE=debian:bookworm-slim
 ARG TORCH_VERSION=2.14.1
+ARG TORCHVISION_VERSION=0.29.1
 
 # ---- python: Debian's python3 (3.11 on bookworm), shared by every stage below.
 FROM ${BASE_IMAGE} AS python
@@ -54,8 +55,11 @@ ARG PIP_FIND_LINKS
 ARG PIP_CERT
 ARG PIP_CONSTRAINT
 ARG TORCH_VERSION
+ARG TORCHVISION_VERSION
 ARG GPU_TORCH_INDEX_URL=
-RUN /opt/venv/bin/pip install ${GPU_TORCH_INDEX_URL:+--index-url "$GPU_TORCH_INDEX_URL"} "torch==${TORCH_VERSION}"
+# torchvision: nvJPEG, which decodes a GPU worker's JPEG batches on the GPU (handlers/decode.py)
+RUN /opt/venv/bin/pip install ${GPU_TORCH_INDEX_URL:+--index-url "$GPU_TORCH_INDEX_URL"} "torch==${TORCH_VERSION}" \
+    "torchvision==${TORCHVISION_VERSION}"
 COPY requirements-serve.txt docker/finish-venv.sh /tmp/
 RUN /tmp/finish-venv.sh --cuda
 

@@ -5,6 +5,7 @@ drift report call it directly. The model file holds the preprocessing (Kornia), 
 only hands it uint8 RGB images and formats the answer.
 """
 
+import importlib.util
 import json
 import logging
 import time
@@ -118,7 +119,12 @@ class ImageClassifier:
         self.lineage = lineage or {"status": f"no {files.LINEAGE} in the archive"}  # run, data hash, git commit
         self.model = runtime.load(model_path, settings.device)
         self.file, self.note = Path(model_path).name, note  # note: why the device is not the one the worker was given
-        self.jpeg_device = self.model.device if self.model.device.type == "cuda" else None  # nvJPEG there
+        self.jpeg_device = None  # where nvJPEG decodes JPEG batches: a GPU worker's device, where torchvision is
+        if self.model.device.type == "cuda":
+            if importlib.util.find_spec("torchvision"):
+                self.jpeg_device = self.model.device
+            else:
+                self.note = "torchvision is not installed: JPEGs decode on the CPU with Pillow"
         self.top_k = max(1, min(settings.top_k, len(labels)))
         drift = settings.drift
         self.drift = DriftMonitor(reference, drift["window"], drift["min_samples"]) if reference else None
@@ -145,8 +151,9 @@ class ImageClassifier:
 
     def served(self) -> dict:
         """What this worker actually runs: the file, its variant, the device and the precision there."""
-        model = self.model
+        model, decoder = self.model, f"nvjpeg on {self.jpeg_device}" if self.jpeg_device else "pillow on cpu"
         found = {"file": self.file, "variant": model.variant, "device": str(model.device), "precision": model.precision}
+        found["decoder"] = decoder
         return {**found, "note": self.note} if self.note else found
 
     def drift_summary(self) -> dict:

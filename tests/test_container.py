@@ -41,6 +41,7 @@ def test_serving_pins_agree_with_requirements_txt():
     assert {"torchserve", "pyyaml", "psutil", "pillow", "numpy"} <= set(serve)
     assert {name: full.get(name) for name in serve} == serve
     assert container.dockerfile_arg("TORCH_VERSION") == full["torch"]
+    assert container.dockerfile_arg("TORCHVISION_VERSION") == full["torchvision"]  # the GPU image's nvJPEG
     assert not {"kornia", "lightning", "torchvision", "hydra-core"} & set(serve)
 
 
@@ -313,9 +314,7 @@ def image(cfg, mar, engine, tmp_path_factory):
         print(f"\nimage {tag}: built in {time.monotonic() - start:.0f} s, {size / 1e9:.2f} GB ({engine})")
         yield tag, size
     finally:
-        rmi = (
-            ["docker", "rmi", "-f", tag] if engine == "docker" else [*engines.as_root(), "buildah", "rmi", "-f", tag]
-        )
+        rmi = ["docker", "rmi", "-f", tag] if engine == "docker" else [*engines.as_root(), "buildah", "rmi", "-f", tag]
         engines.sh(rmi, check=False, capture_output=True)
 
 

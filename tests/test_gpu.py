@@ -118,7 +118,8 @@ def test_a_worker_says_why_it_is_not_on_the_gpu_it_was_given(cpu_only_dir, setti
     assert (path.name, device.type) == (shipped, "cpu")
     assert why.startswith(f"given {CUDA}") and why.endswith("serving on cpu")
     core = ImageClassifier.from_dir(cpu_only_dir, settings(device=CUDA), "m", "1", shipped)
-    assert core.served() == {"file": shipped, "variant": "int8", "device": "cpu", "precision": "int8", "note": why}
+    served = {"file": shipped, "variant": "int8", "device": "cpu", "precision": "int8", "decoder": "pillow on cpu"}
+    assert core.served() == {**served, "note": why}
 
 
 def test_a_torchserve_worker_given_a_gpu_id_logs_where_it_serves(cpu_only_dir, make_context, cfg, caplog):
@@ -243,7 +244,8 @@ def test_nvjpeg_decodes_as_pillow_within_jpeg_rounding(digit):
 def test_the_archive_served_on_a_gpu_answers_as_on_the_cpu(model_dir, settings, digit):
     on_cpu = ImageClassifier.from_dir(model_dir, settings())
     on_gpu = ImageClassifier.from_dir(model_dir, settings(device=CUDA))
-    assert on_gpu.served()["device"] == CUDA and on_gpu.served()["file"] == files.MODEL
+    served = on_gpu.served()
+    assert (served["device"], served["file"], served["decoder"]) == (CUDA, files.MODEL, f"nvjpeg on {CUDA}")
     rgb = np.asarray(digit.convert("RGB"))
     payloads = [jpeg(rgb), client.png(rgb.transpose(2, 0, 1))] * 4
     cpu_top = [r.body["label"] for r in on_cpu.handle(payloads)]
@@ -269,6 +271,7 @@ def test_describe_says_where_each_worker_serves(server, post, cfg, digit):
             "variant": cfg.export.variant,
             "device": "cpu",
             "precision": files.REGISTRY[cfg.export.variant].precision["cpu"],
+            "decoder": "pillow on cpu",
         }
 
 

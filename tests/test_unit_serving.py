@@ -310,5 +310,7 @@ def test_handler_describe_returns_the_drift_summary(adapter):
     [answer] = handler.handle([{}], context)
     core = handler.classifier
     assert json.loads(answer) == {"served": core.served(), "drift": core.drift_summary(), "lineage": core.lineage}
-    assert core.served() == {"file": files.MODEL, "variant": "torchscript", "device": "cpu", "precision": "fp32"}
+    assert core.served() == {
+        "file": files.MODEL, "variant": "torchscript", "device": "cpu", "precision": "fp32", "decoder": "pillow on cpu"
+    }  # fmt: skip
     assert json.loads(answer)["drift"]["status"].startswith("collecting")
