@@ -14,14 +14,13 @@ from bench.run import Plan
 from bench.servers import Server
 from common.config import load_config
 from servers.torchserve import CONFIG_PROPERTIES
-from tests.client import png
 
 pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module")
-def bodies(test_split) -> list[bytes]:
-    return [png(image) for image in test_split[0][:16]]
+def bodies(pngs) -> list[bytes]:
+    return pngs[:16]
 
 
 def test_wrk_closed_loop_counts_answers_latency_and_its_own_cpu(server, cfg, bodies):

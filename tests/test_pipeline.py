@@ -49,6 +49,7 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow  # runs every stage in a copy of the repository
 def test_dvc_repro_push_and_pull(tmp_path):
     """`make pipeline` on a fresh copy: `dvc repro` runs every stage and writes the archive, a second `dvc repro`
     has nothing to do; then the data stage's output goes to the local remote and comes back."""
@@ -100,6 +101,7 @@ ENTRY_POINTS = [
 ]
 
 
+@pytest.mark.slow  # a new Python per command, importing it: seconds apiece
 @pytest.mark.parametrize("module", ENTRY_POINTS)
 def test_every_command_has_help(module):
     result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT)
