@@ -22,7 +22,7 @@ from training.model import Classifier
 from training.pipeline import run
 from training.train import CHECKPOINT
 
-EPOCHS = 10
+EPOCHS = 5  # fewer leave a check one test digit from failing: int8 vs eager at 4, DDP vs one process at 3
 # BUNDLE_STRICT_SKIPS=1 (.ci/run sets it) turns every skip into a failure, except these reasons,
 # which README "Tests and quality" lists: CI must not pass by skipping what it is meant to run.
 ALLOWED_SKIPS = ("needs a CUDA GPU",)

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from common.config import ROOT, load_config
 from handlers import files
+from tests.conftest import EPOCHS
 from training.archive import read_manifest
 from training.pipeline import COMMANDS, stages
 
@@ -62,6 +64,9 @@ def test_dvc_repro_push_and_pull(tmp_path):
     for name in files:
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, repo / name)
+    # the stages are under test, not the model: the copy trains as the session pipeline does (tests/conftest.py)
+    trainer = repo / "configs" / "trainer" / "default.yaml"
+    OmegaConf.save(OmegaConf.merge(OmegaConf.load(trainer), {"max_epochs": EPOCHS, "threads": 1}), trainer)
     commit = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "copy"]
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], commit):  # a clone: the archive records the commit
         run(cmd, repo)
