@@ -119,7 +119,6 @@ def test_archive_carries_the_lineage_and_refuses_without_it(cfg, mar, tmp_path):
     ]
 
 
-@pytest.mark.server
 def test_describe_call_leads_from_an_answer_to_its_run(server, post, cfg, dataset):
     """Step 1: the answer names the model and version; step 2: describe names the run, data and code."""
     sample = sorted((dataset / "samples").glob("*.png"))[0]
