@@ -1,5 +1,5 @@
 """What tests send and read: encoded images, one HTTP helper for every server they start (TorchServe, the container),
-and the metric lines a handler logged."""
+a load of several keep-alive clients, and the metric lines a handler logged."""
 
 import base64
 import http.client
@@ -7,10 +7,15 @@ import io
 import json
 import math
 import struct
+import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import numpy as np
@@ -64,6 +69,49 @@ def send(url: str, method: str, body: bytes, headers: dict[str, str]) -> tuple[i
         return response.status, parsed(response.read())
     finally:
         conn.close()
+
+
+@dataclass
+class Answer:
+    sent: float  # time.monotonic() when the request went out
+    done: float  # and when its answer (or error) came back
+    status: int | str  # the HTTP status, or the error when there was no HTTP answer
+    body: dict
+    index: int  # which of the bodies was sent
+
+
+@contextmanager
+def streaming(url: str, headers: dict, bodies: list[bytes], clients: int, timeout=60) -> Iterator[list[Answer]]:
+    """`clients` threads, each on its own keep-alive connection, POST the image/png `bodies` in turn while the block
+    runs; leaving it stops new requests and waits for those in flight. Yields the answers, filled as they come."""
+    parts = urlparse(url)
+    stop, answers = threading.Event(), []
+
+    def client(k: int) -> None:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+        i = k
+        while not stop.is_set():
+            sent = time.monotonic()
+            try:
+                conn.request("POST", parts.path, bodies[i % len(bodies)], {"Content-Type": "image/png", **headers})
+                response = conn.getresponse()
+                status, body = response.status, parsed(response.read())
+            except (OSError, http.client.HTTPException) as err:  # reset, refused, cut, timed out: no HTTP answer
+                status, body = repr(err), {}
+                conn.close()  # the next request opens a new connection
+            answers.append(Answer(sent, time.monotonic(), status, body, i % len(bodies)))
+            i += clients
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield answers
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
 
 
 def multipart(field: str, filename: str, data: bytes, content_type: str) -> tuple[bytes, str]:

@@ -14,14 +14,11 @@ from bench.run import Plan
 from bench.servers import Server
 from common.config import load_config
 from servers.torchserve import CONFIG_PROPERTIES
-from tests.client import png
-
-pytestmark = pytest.mark.server
 
 
 @pytest.fixture(scope="module")
-def bodies(test_split) -> list[bytes]:
-    return [png(image) for image in test_split[0][:16]]
+def bodies(pngs) -> list[bytes]:
+    return pngs[:16]
 
 
 def test_wrk_closed_loop_counts_answers_latency_and_its_own_cpu(server, cfg, bodies):
@@ -46,6 +43,7 @@ def test_wrk_paced_run_sends_and_answers(server, cfg, bodies):
     assert r["requests"] > 0 and r["errors"] == 0 and r["rate"] == 40, r
 
 
+@pytest.mark.server
 def test_bench_runs_locust_beside_wrk_on_the_shipped_server_and_reports_both(cfg, mar, bodies, tmp_path):
     """`make bench --quick` in small, the shipped ("tuned") server alone on the session's archive: wrk at 1 and 2
     connections, then Locust at 2 users beside it (3 is left out: wrk did not measure it); the report's

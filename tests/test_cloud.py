@@ -175,6 +175,7 @@ def test_bad_input_is_a_one_line_error(argv, message):
     assert str(exc.value).startswith(message) and "\n" not in str(exc.value)
 
 
+@pytest.mark.slow
 def test_dvc_has_a_gcs_remote_and_local_stays_the_default():
     dvc = [str(Path(sys.executable).parent / "dvc")]
     remotes = subprocess.run([*dvc, "remote", "list"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
@@ -205,6 +206,7 @@ def test_vertex_job_maps_its_model_dir_onto_the_gcs_mount():
         vertex.output_dir({"AIP_MODEL_DIR": "/local/path"})
 
 
+@pytest.mark.slow
 def test_vertex_entrypoint_runs_the_pipeline_and_copies_the_outputs(tmp_path):
     """The training image's entrypoint, in this process (1 epoch), as Vertex sets its environment."""
     overrides = [f"paths.{key}={tmp_path}/{key}" for key in ("data", "artifacts", "model_store", "runs")]
@@ -220,6 +222,7 @@ def test_vertex_entrypoint_runs_the_pipeline_and_copies_the_outputs(tmp_path):
     assert read_manifest(out / "digits_cnn.mar")["model"]["modelName"] == "digits_cnn"
 
 
+@pytest.mark.slow
 def test_command_lines_help_and_one_line_errors(tmp_path):
     for module in ("scripts.deploy", "scripts.vertex_train"):
         run = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT)
@@ -278,6 +281,7 @@ for variable, spec in json.loads(sys.argv[1]):
 """
 
 
+@pytest.mark.slow
 def test_vertex_cluster_spec_gives_lightning_the_ranks_and_the_chief_address():
     """Each replica's environment as Vertex sets it, through the entrypoint's mapping, into a real Lightning
     Trainer (in a subprocess: the Trainer sets process-wide rank state)."""

@@ -85,6 +85,7 @@ def test_pip_settings_become_mounted_build_args(tmp_path):
     assert container.local_cpu_torch(str(tmp_path)) is None
 
 
+@pytest.mark.slow
 def test_the_train_target_copies_every_package_its_entrypoint_imports():
     """The Vertex image runs `python -m scripts.vertex_train`: every local package it reaches is in /app."""
     dockerfile = container.DOCKERFILE.read_text()
@@ -332,6 +333,7 @@ def wait_ready(ctr: Process, management: str, name: str, timeout: float = 120) -
     return ctr.wait_until(ready, timeout, f"{name} READY")
 
 
+@pytest.mark.slow
 def test_running_an_image_that_is_not_there_is_a_one_line_error(engine):
     if engine != "buildah":
         pytest.skip("docker would try to pull the image")

@@ -104,6 +104,7 @@ def test_folder_errors_are_clear(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
+@pytest.mark.slow  # a new Python importing the data stage
 def test_data_cli_prints_one_line_error(tmp_path):
     args = ["data=folder", f"data.root={tmp_path}/nope", f"paths.data={tmp_path}/o"]
     run = subprocess.run(

@@ -114,7 +114,6 @@ def summary(server, name: str) -> dict:
     return (json.loads(meta) if isinstance(meta, str) else meta)["drift"]
 
 
-@pytest.mark.server
 def test_served_drift_moves_above_the_threshold(server, post, cfg, test_split):
     threshold = cfg.serve.handler.drift.threshold
     window = cfg.serve.handler.drift.window

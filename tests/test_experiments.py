@@ -121,7 +121,6 @@ def test_archive_carries_the_lineage_and_refuses_without_it(cfg, mar, tmp_path):
     ]
 
 
-@pytest.mark.server
 def test_describe_call_leads_from_an_answer_to_its_run(server, post, cfg, dataset):
     """Step 1: the answer names the model and version; step 2: describe names the run, data and code."""
     sample = sorted((dataset / "samples").glob("*.png"))[0]
@@ -273,6 +272,7 @@ def test_serving_core_profile_names_its_steps(mar, dataset, tmp_path):
     assert "Self CPU" in (tmp_path / "core_batch8_operators.txt").read_text()
 
 
+@pytest.mark.slow  # samples for 2 s
 def test_py_spy_samples_a_live_python_process(tmp_path):
     busy = "import time\ndef spin():\n    while True:\n        sum(range(1000))\nspin()\n"
     proc = subprocess.Popen([sys.executable, "-c", busy])
@@ -287,6 +287,7 @@ def test_py_spy_samples_a_live_python_process(tmp_path):
     assert any("spin" in row["frame"] for row in frames["total"])
 
 
+@pytest.mark.slow  # new Pythons importing torch
 @pytest.mark.parametrize("module", ["scripts.tune", "scripts.profile"])
 def test_entry_points_have_help(module):
     done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT)

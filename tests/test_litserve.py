@@ -8,7 +8,6 @@ import pytest
 from servers.fastapi import load_classifier
 from servers.litserve import LitServePeer, ServingCore
 from tests import client
-from tests.client import png
 
 BAD = b"not an image"
 
@@ -31,8 +30,8 @@ def core(mar, model_dir):
 
 
 @pytest.fixture(scope="module")
-def images(test_split) -> list[bytes]:
-    return [png(image) for image in test_split[0][:24]]
+def images(pngs) -> list[bytes]:
+    return pngs[:24]
 
 
 def test_a_burst_is_answered_as_the_serving_core_answers_and_a_bad_image_fails_alone(peer, cfg, core, images):

@@ -91,7 +91,6 @@ def test_parse_mix():
 # ------------------------------------------------------------------ real Locust against a real TorchServe
 
 
-@pytest.mark.server
 def test_locust_scenarios_against_torchserve(server, cfg, tmp_path):
     """Every request form is answered and passes the checks; every malformed request gets a 4xx."""
     summary = run_locust(
@@ -111,7 +110,6 @@ def test_locust_scenarios_against_torchserve(server, cfg, tmp_path):
     assert (tmp_path / "locust.html").stat().st_size > 1000
 
 
-@pytest.mark.server
 def test_locust_counts_wrong_answers_as_failures(server, cfg, tmp_path):
     """A model name the server does not have: every well-formed request must fail the checks."""
     opts = options(cfg, model="no_such_model", malformed_share=0)
@@ -121,7 +119,6 @@ def test_locust_counts_wrong_answers_as_failures(server, cfg, tmp_path):
     assert any("status 404" in e for e in summary["errors"]), summary["errors"]
 
 
-@pytest.mark.server
 def test_loadtest_cli_exits_nonzero_when_an_slo_is_missed(server, cfg, tmp_path, capsys):
     args = ["--host", server.url("inference"), f"--token={server.key() or ''}", "--users", "4", "--run-time", "3"]
     args += ["--out", str(tmp_path), f"paths.data={cfg.paths.data}", "loadtest.slo.p95_ms=60000"]

@@ -1,4 +1,4 @@
-"""monitoring/ with a real Prometheus scraping the session's real TorchServe.
+"""monitoring/ with a real Prometheus scraping a real TorchServe serving the session's archive.
 
 Prometheus is Debian's package (common/apt.py installs it when missing: root or sudo), run as our
 own process (servers/prometheus.py) on a free port with its own storage, 1 s scrape/evaluation
@@ -39,6 +39,7 @@ from monitoring.prometheus_config import (
 from monitoring.shifts import shift
 from servers.process import ServerError
 from servers.prometheus import Prometheus
+from servers.torchserve import TorchServe
 from tests.client import png
 from training.export import as_rgb
 
@@ -99,6 +100,16 @@ def binaries() -> tuple[str, str]:
 
 
 @pytest.fixture(scope="module")
+def server(cfg, mar, tmp_path_factory):
+    """This module's own TorchServe, in place of the session's (conftest's `server`, which `post` then uses too):
+    these tests kill its worker and fill its drift window with shifted traffic, which would change the session's
+    server under the tests after them."""
+    with TorchServe(mar.parent, {cfg.name: mar.name}, tmp_path_factory.mktemp("torchserve"), ports={}) as ts:
+        ts.wait_ready(timeout=180)
+        yield ts
+
+
+@pytest.fixture(scope="module")
 def prom(binaries, server, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("prometheus")
     config = derived_config(workdir, urlparse(server.url("metrics")).netloc, interval="1s", rule_for="0s")
@@ -106,6 +117,7 @@ def prom(binaries, server, tmp_path_factory):
         yield prometheus
 
 
+@pytest.mark.slow  # installs Prometheus where it is missing
 def test_promtool_accepts_the_config_and_rules_and_refuses_a_broken_rule(binaries, tmp_path):
     assert "SUCCESS" in promtool("check", "config", str(PROMETHEUS_YML))
     assert f"SUCCESS: {len(rules())} rules found" in promtool("check", "rules", str(ALERTS_YML))
@@ -131,6 +143,7 @@ def test_thresholds_and_target_have_one_source():
     assert targets == [metrics_target()]
 
 
+@pytest.mark.slow  # installs Prometheus where it is missing
 def test_a_prometheus_that_cannot_start_says_why(binaries, tmp_path):
     broken = tmp_path / "prometheus.yml"
     broken.write_text("global: {scrape_interval: not-a-duration}\n")
@@ -141,6 +154,7 @@ def test_a_prometheus_that_cannot_start_says_why(binaries, tmp_path):
     assert not prometheus.running()
 
 
+@pytest.mark.slow  # installs Prometheus where it is missing
 def test_command_line_help_check_and_one_line_errors(binaries, tmp_path):
     cmd = [sys.executable, "-m", "scripts.prometheus"]
     run = subprocess.run([*cmd, "--help"], capture_output=True, text=True, cwd=ROOT)

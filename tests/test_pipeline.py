@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from common.config import ROOT, load_config
 from handlers import files
 from handlers.archive import mar_file, read_manifest
+from tests.conftest import EPOCHS
 from training.pipeline import COMMANDS, stages
 
 DVC = str(Path(sys.executable).parent / "dvc")
@@ -49,6 +51,7 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow  # runs every stage in a copy of the repository
 def test_dvc_repro_push_and_pull(tmp_path):
     """`make pipeline` on a fresh copy: `dvc repro` runs every stage and writes the archive, a second `dvc repro`
     has nothing to do; then the data stage's output goes to the local remote and comes back."""
@@ -61,6 +64,9 @@ def test_dvc_repro_push_and_pull(tmp_path):
     for name in files:
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, repo / name)
+    # the stages are under test, not the model: the copy trains as the session pipeline does (tests/conftest.py)
+    trainer = repo / "configs" / "trainer" / "default.yaml"
+    OmegaConf.save(OmegaConf.merge(OmegaConf.load(trainer), {"max_epochs": EPOCHS, "threads": 1}), trainer)
     commit = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "commit", "-qm", "copy"]
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], commit):  # a clone: the archive records the commit
         run(cmd, repo)
@@ -100,6 +106,7 @@ ENTRY_POINTS = [
 ]
 
 
+@pytest.mark.slow  # a new Python per command, importing it: seconds apiece
 @pytest.mark.parametrize("module", ENTRY_POINTS)
 def test_every_command_has_help(module):
     result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT)

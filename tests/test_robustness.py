@@ -110,6 +110,7 @@ def test_dvc_stage_metrics_and_plots(report, tmp_path):
     shutil.rmtree(repo)
 
 
+@pytest.mark.slow  # new Pythons importing torch
 def test_command_line_help_and_one_line_errors(tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "monitoring.robustness", "--help"], capture_output=True, text=True, cwd=ROOT

