@@ -87,7 +87,7 @@ def limits(path: Path, device: torch.device, batch: int, seconds: float, compile
     images = torch.randint(0, 256, (batch, 3, SIDE, SIDE), dtype=torch.uint8, device=device)
     rows = {}
     with torch.inference_mode():
-        fp32 = runtime.load(path, device, precision="fp32")
+        fp32 = runtime.load(path, device, at="fp32")
         rows["eager fp32"] = rate(lambda: fp32(images), batch, seconds, device)
         served = runtime.load(path, device) if device.type == "cuda" else runtime.load(path, device, "bf16")
         rows[f"served file, {served.precision}"] = rate(lambda: served(images), batch, seconds, device)

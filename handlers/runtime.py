@@ -16,6 +16,7 @@ import torch
 from handlers.files import REGISTRY
 
 KIND = "variant"  # a TorchScript file's extra file naming what kind it is
+GPU_PRECISION = "gpu_precision"  # one saying the precision GPUs run it at, where the export refused the declared one
 FROZEN = "torchscript-frozen"
 INT8 = "int8"
 
@@ -39,37 +40,49 @@ class Model:
             return self.forward(images)
 
 
+def extras(path: Path) -> dict[str, str]:
+    """A TorchScript file's extra files (a zip: <name>/extra/<key>), read without loading the model."""
+    if path.suffix != ".pt":
+        return {}
+    with zipfile.ZipFile(path) as z:
+        return {n.rsplit("/", 1)[1]: z.read(n).decode() for n in z.namelist() if n.split("/")[-2:-1] == ["extra"]}
+
+
 def variant(path: Path) -> str:
     """Which variant a model file is: a TorchScript file says so in an extra file, the others by their suffix."""
-    if path.suffix == ".pt":  # a zip: <name>/extra/<KIND> holds the kind, read without loading the model
-        with zipfile.ZipFile(path) as z:
-            kinds = [z.read(n).decode() for n in z.namelist() if n.endswith(f"/extra/{KIND}")]
-        return kinds[0] if kinds else "torchscript"
+    if path.suffix == ".pt":
+        return extras(path).get(KIND) or "torchscript"
     by_suffix = {".pt2": "aoti", ".onnx": "onnx"}
     if path.suffix not in by_suffix:
         raise LoadError(f"{path.name}: no runtime for '{path.suffix}' files (known: .pt, .pt2, .onnx)")
     return by_suffix[path.suffix]
 
 
-def load(path: Path | str, device: str | torch.device = "cpu", precision: str | None = None) -> Model:
-    """The model in `path` on `device`, at the precision its variant declares there (or `precision`)."""
+def precision(path: Path, device_type: str) -> str:
+    """The precision the file runs at on a device type: its variant's, or on GPUs what its export allowed."""
+    declared = REGISTRY[variant(path)].precision[device_type]
+    return extras(path).get(GPU_PRECISION, declared) if device_type == "cuda" else declared
+
+
+def load(path: Path | str, device: str | torch.device = "cpu", at: str | None = None) -> Model:
+    """The model in `path` on `device`, at the precision it runs at there (`precision`), or `at`."""
     path, device = Path(path), torch.device(device)
     name = variant(path)
     declared = REGISTRY[name].precision
     if device.type not in declared:
         raise LoadError(f"{path.name} is the {name} variant, which runs on {', '.join(declared)} only, not {device}")
-    precision = precision or declared[device.type]
+    at = at or precision(path, device.type)
     if path.suffix == ".pt":
         model = torch.jit.load(str(path), map_location=device).eval()
         if name == FROZEN:  # oneDNN weight layouts, made at load
             model = torch.jit.optimize_for_inference(model)
         elif device.type == "cuda":  # convolutions in NHWC: what tensor cores want
             model = model.to(memory_format=torch.channels_last)
-        return Model(model, device, name, precision)
+        return Model(model, device, name, at)
     if path.suffix == ".pt2":
         from torch._inductor import aoti_load_package
 
-        return Model(aoti_load_package(str(path)), device, name, precision)
+        return Model(aoti_load_package(str(path)), device, name, at)
     return onnx(path)
 
 

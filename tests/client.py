@@ -6,7 +6,11 @@ import http.client
 import io
 import json
 import math
+import os
+import shutil
 import struct
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -16,13 +20,17 @@ import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlparse
 
 import numpy as np
 import torch
 from PIL import Image
 
+from common.config import ROOT
 from common.images import to_pil
+from servers.process import free_port
+from servers.torchserve import find_java_home
 
 
 def call(url: str, body: bytes | None = None, headers: dict | None = None, method: str | None = None, timeout=30):
@@ -194,3 +202,31 @@ def hostile_corpus(digit: Image.Image, max_pixels: int) -> list[tuple[str, objec
         ("one bad instance among good ones", {"instances": [{"b64": b64}, {"b64": "!!"}]}, 400),
         ("null body", None, 400),
     ]
+
+
+def rendered_settings(folder: Path) -> Path:
+    """docker/settings.py run as the Dockerfile's settings stage runs it: <folder>/serve/<profile>.yaml."""
+    out = folder / "serve"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "docker" / "settings.py"), str(out)], capture_output=True, text=True, env=env
+    )
+    assert run.returncode == 0, run.stderr
+    return out
+
+
+def container_on_host(folder: Path, model_name: str) -> tuple[Path, dict[str, str], dict[str, int]]:
+    """The image's /opt/ts laid out on this host (docker/entrypoint.sh and its files, the rendered profiles), and
+    the environment that runs the entrypoint there on free loopback ports: (TS_DIR, environment, ports)."""
+    ts_dir = folder / "opt_ts"
+    (ts_dir / "model-store").mkdir(parents=True)
+    for src in ("entrypoint.sh", "profile.py", "config.properties", "log4j2.xml"):
+        shutil.copy2(ROOT / "docker" / src, ts_dir)
+    shutil.copy2(ROOT / "metrics.yaml", ts_dir)
+    shutil.copy2(ROOT / "servers" / "drain.py", ts_dir)
+    shutil.copytree(rendered_settings(folder), ts_dir / "serve")
+    ports = {key: free_port() for key in ("PORT", "MANAGEMENT_PORT", "METRICS_PORT", "WORKER_PORT")}
+    ports |= {key: free_port() for key in ("GRPC_INFERENCE_PORT", "GRPC_MANAGEMENT_PORT")}
+    path = os.pathsep.join([str(Path(sys.executable).parent), str(Path(find_java_home()) / "bin"), os.environ["PATH"]])
+    env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "PATH": path, "BIND": "127.0.0.1"}
+    return ts_dir, env | {"TS_DIR": str(ts_dir), "MODEL_NAME": model_name, "TMPDIR": str(folder)}, ports

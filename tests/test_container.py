@@ -28,8 +28,8 @@ from common.config import load_config
 from scripts.container import main as container_main
 from servers.container import Container
 from servers.process import Process, free_port
-from servers.torchserve import CONFIG_PROPERTIES, find_java_home, read_properties
-from tests.client import call, parsed, png
+from servers.torchserve import CONFIG_PROPERTIES, read_properties
+from tests.client import call, container_on_host, parsed, png, rendered_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_IMAGE_BYTES = 1.5e9
@@ -126,17 +126,6 @@ def stages(dockerfile: str) -> dict[str, str]:
     """Each `FROM ... AS name` stage's text, by name."""
     parts = re.split(r"^FROM ", dockerfile, flags=re.M)[1:]
     return {re.match(r"\S+ AS (\S+)", part).group(1): part for part in parts}
-
-
-def rendered_settings(tmp_path) -> Path:
-    """docker/settings.py run as the Dockerfile's settings stage runs it."""
-    out = tmp_path / "serve"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = subprocess.run(
-        [sys.executable, str(DOCKER / "settings.py"), str(out)], capture_output=True, text=True, env=env
-    )
-    assert run.returncode == 0, run.stderr
-    return out
 
 
 def test_the_image_renders_each_serving_profile_from_configs_serve(tmp_path):
@@ -258,19 +247,9 @@ def test_the_settings_stage_copies_every_package_its_script_imports():
 def test_the_entrypoint_serves_the_gpu_profile_settings_through_torchserve(cfg, mar, tmp_path):
     """docker/entrypoint.sh on this host (no image), laid out as /opt/ts, with SERVE_PROFILE=gpu: the real
     TorchServe reports the gpu profile's workers, batch size and delay for the archive (which carries the cpu's)."""
-    ts_dir = tmp_path / "ts"
-    (ts_dir / "model-store").mkdir(parents=True)
-    for name in ("entrypoint.sh", "profile.py", "config.properties", "log4j2.xml"):
-        shutil.copy2(DOCKER / name, ts_dir / name)
-    shutil.copy2(ROOT / "metrics.yaml", ts_dir)
-    shutil.copy2(ROOT / "servers" / "drain.py", ts_dir)
-    shutil.copytree(rendered_settings(tmp_path), ts_dir / "serve")
+    ts_dir, env, ports = container_on_host(tmp_path, cfg.name)
     shutil.copy2(mar, ts_dir / "model-store" / mar.name)
-    ports = {key: free_port() for key in ("PORT", "MANAGEMENT_PORT", "METRICS_PORT", "WORKER_PORT")}
-    ports |= {key: free_port() for key in ("GRPC_INFERENCE_PORT", "GRPC_MANAGEMENT_PORT")}
-    path = os.pathsep.join([str(Path(sys.executable).parent), str(Path(find_java_home()) / "bin"), os.environ["PATH"]])
-    env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "PATH": path, "BIND": "127.0.0.1"}
-    env |= {"TS_DIR": str(ts_dir), "MODEL_NAME": cfg.name, "SERVE_PROFILE": "gpu"}
+    env["SERVE_PROFILE"] = "gpu"
     gpu = load_config(["serve=gpu"]).serve
     assert read_model_config_batch(mar) != gpu.batch_size  # the archive's own settings are not the gpu profile's
     with Process(["sh", str(ts_dir / "entrypoint.sh")], tmp_path / "run.log", env=env) as server:

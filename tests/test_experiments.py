@@ -106,7 +106,7 @@ def test_archive_carries_the_lineage_and_refuses_without_it(cfg, mar, tmp_path):
     assert read_lineage(mar) == record
     artifacts = tmp_path / "artifacts"
     artifacts.mkdir()
-    for name in (files.VARIANTS[cfg.export.variant], files.LABELS, files.REFERENCE):
+    for name in (files.VARIANTS[cfg.export.variant], files.MODEL, files.LABELS, files.REFERENCE):
         (artifacts / name).write_bytes((Path(cfg.paths.artifacts) / name).read_bytes())
     other = load_config(overrides(cfg, tmp_path))
     with pytest.raises(ArchiveError, match="cannot identify the run") as err:

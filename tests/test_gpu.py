@@ -80,6 +80,23 @@ def test_the_bundles_models_trace_without_a_device(new_classifier, model, channe
     assert device_bound(variants.trace(eager, images)) == []
 
 
+def test_a_refused_gpu_precision_leaves_gpus_on_fp32(new_classifier, tmp_path, monkeypatch):
+    """The bf16 parity check refuses (here: a bar no model passes); the portable file is still written, for CPUs
+    and for GPUs in fp32, and the refusal keeps its numbers."""
+    monkeypatch.setattr(variants, "GPU_AGREEMENT", 1.01)
+    eager = inference_module(new_classifier("cnn", 1, augment=False))
+    images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    path, check = variants.export(files.PORTABLE, eager, (images, torch.arange(40) % 10), tmp_path)
+    assert check.gpu["precision"] == "fp32" and "bf16 refused" in check.gpu["refused"]
+    assert "top-1 agreement with eager fp32" in check.gpu["refused"]
+    assert (runtime.precision(path, "cuda"), runtime.precision(path, "cpu")) == ("fp32", "fp32")
+
+
+def test_the_trained_models_gpu_precision_is_bf16(model_file):
+    """The session's model passed the bf16 parity check at export (on this machine's GPU, or on the CPU)."""
+    assert runtime.precision(model_file, "cuda") == "bf16"
+
+
 def test_each_variant_declares_its_devices():
     assert files.REGISTRY[files.PORTABLE].precision == {"cpu": "fp32", "cuda": "bf16"}
     for name in ("torchscript-frozen", "aoti", "int8", "onnx"):
@@ -220,7 +237,7 @@ def test_a_file_exported_on_the_cpu_answers_on_the_gpu_as_on_the_cpu(new_classif
     images = torch.randint(0, 256, (8, 3, 96, 80), dtype=torch.uint8)
     build_torchscript(eager, images, tmp_path / files.MODEL)
     on_cpu = runtime.load(tmp_path / files.MODEL, "cpu")(images)
-    on_gpu = runtime.load(tmp_path / files.MODEL, CUDA, precision="fp32")(images)
+    on_gpu = runtime.load(tmp_path / files.MODEL, CUDA, at="fp32")(images)
     assert on_gpu.device.type == "cuda"
     assert (on_gpu.float().cpu() - on_cpu).abs().max().item() <= 1e-3  # TF32 convolutions on the GPU
     half = runtime.load(tmp_path / files.MODEL, CUDA)

@@ -3,18 +3,16 @@ container's entrypoint run on this host; every request sent before the signal ge
 
 import json
 import os
-import shutil
 import signal
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from common.config import ROOT
-from servers.process import Process, free_port
-from servers.torchserve import TorchServe, find_java_home
-from tests.client import Answer, streaming
+from servers.process import Process
+from servers.torchserve import TorchServe
+from tests.client import Answer, container_on_host, streaming
 
 pytestmark = pytest.mark.server
 CLIENTS = 8
@@ -61,16 +59,8 @@ def test_make_serve_answers_every_accepted_request_on_sigterm(cfg, mar, pngs, tm
 def test_container_entrypoint_answers_every_accepted_request_on_sigterm(cfg, mar, pngs, tmp_path):
     """docker/entrypoint.sh run on this host as the image runs it (its files in TS_DIR, loopback, free ports):
     drain.py is PID 1's stand-in and Java its child; SIGTERMed under load by 8 clients."""
-    ts_dir = tmp_path / "opt_ts"
-    ts_dir.mkdir()
-    for src in ("docker/entrypoint.sh", "docker/config.properties", "docker/log4j2.xml", "metrics.yaml"):
-        shutil.copy(ROOT / src, ts_dir)
-    shutil.copy(ROOT / "servers" / "drain.py", ts_dir)
-    ports = {k: free_port() for k in ("PORT", "MANAGEMENT_PORT", "METRICS_PORT", "GRPC_INFERENCE_PORT")}
-    ports |= {k: free_port() for k in ("GRPC_MANAGEMENT_PORT", "WORKER_PORT")}
-    path = os.pathsep.join([str(Path(sys.executable).parent), str(Path(find_java_home()) / "bin"), os.environ["PATH"]])
-    env = dict(os.environ, **{k: str(v) for k, v in ports.items()}, PATH=path, BIND="127.0.0.1", TS_DIR=str(ts_dir))
-    env.update(MODEL_NAME=cfg.name, MODEL_STORE=str(mar.parent), TMPDIR=str(tmp_path))
+    ts_dir, env, ports = container_on_host(tmp_path, cfg.name)
+    env["MODEL_STORE"] = str(mar.parent)
     with Process(["sh", str(ts_dir / "entrypoint.sh")], tmp_path / "container.log", tmp_path, env) as proc:
         ts = TorchServe(mar.parent, {cfg.name: mar.name}, tmp_path / "unused")
         ts.props.update(disable_token_authorization="true")

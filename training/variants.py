@@ -243,6 +243,16 @@ def check_gpu(path: Path, name: str, eager: nn.Module, images: Tensor, labels: T
     return {"precision": precision, "checked_on": where, "agreement": check.agreement, "accuracy": check.accuracy}
 
 
+def gpu_precision(path: Path, name: str, eager: nn.Module, images: Tensor, labels: Tensor) -> dict:
+    """check_gpu; where it refuses the lower precision, the file is saved again saying that GPUs run it in fp32
+    (the fp32 check already passed), and the refusal is kept with its numbers."""
+    try:
+        return check_gpu(path, name, eager, images, labels)
+    except VariantError as err:
+        torch.jit.save(torch.jit.load(str(path)), str(path), _extra_files={runtime.GPU_PRECISION: "fp32"})
+        return {"precision": "fp32", "refused": f"{files.REGISTRY[name].precision['cuda']} refused: {err}"}
+
+
 # -- the variants ------------------------------------------------------------------------------------------------
 
 BUILDERS = {
@@ -273,14 +283,16 @@ def export(
             model = runtime.load(tmp)
             check = check_int8(model, eager, images, labels) if name == "int8" else check_fp32(model, eager, images)
             if "cuda" in files.REGISTRY[name].precision:
-                check.gpu = check_gpu(tmp, name, eager, images, labels)
+                check.gpu = gpu_precision(tmp, name, eager, images, labels)
         except VariantError as err:
             raise VariantError(f"variant {name} refused: {err}") from err
         except Exception as err:  # an exporter that cannot handle the graph: say which and why, in one line
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise VariantError(f"variant {name} failed: {type(err).__name__}: {first[:300]}") from err
     log.info("wrote %s (%s; max abs diff vs eager %.1e)", target, name, check.max_abs_diff)
-    if check.gpu:
+    if check.gpu and "refused" in check.gpu:
+        log.warning("%s for GPUs: %s; GPUs run it in fp32", name, check.gpu["refused"])
+    elif check.gpu:
         log.info("%s for GPUs: %s, top-1 agreement %.2f%%, checked on %s", name, check.gpu["precision"],
                  100 * check.gpu["agreement"], check.gpu["checked_on"])  # fmt: skip
     return target, check
