@@ -156,11 +156,12 @@ def as_dict(report: Report) -> dict:
     }
 
 
-def measure(cfg: DictConfig, new: DictConfig, clients: int, workdir: Path, out: Path = REPORT) -> dict:
-    """Serve `cfg`'s archive, build `new` (a release: training, not timed), then roll it in and back under load
-    from `clients` connections; write rollout.json and rollout.md to `out`."""
-    mar = release.build(new)
-    images = release.held_out(cfg, new.rollout.gate_images)
+def measure(cfg: DictConfig, clients: int, workdir: Path, command: str, out: Path = REPORT) -> dict:
+    """Serve model_store/<name>.mar (`make pipeline`'s), build the release `cfg` describes (training: not timed), then
+    roll it in and back under load from `clients` connections; write rollout.json and rollout.md to `out`, with the
+    `command` that ran it."""
+    mar = release.build(cfg)
+    images = release.held_out(cfg, cfg.rollout.gate_images)
     store = workdir / "model_store"
     store.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(cfg.paths.model_store) / mar_file(cfg.name), store / mar_file(cfg.name))
@@ -176,7 +177,7 @@ def measure(cfg: DictConfig, new: DictConfig, clients: int, workdir: Path, out: 
             answers = load.stop()
     versions = [rolled.previous, rolled.version, rolled.previous]
     result = {
-        "command": "python -m scripts.rollout bench",
+        "command": command,
         "machine": f"{len(os.sched_getaffinity(0))} CPU cores",
         "name": cfg.name,
         "load": summary(answers, {rolled.previous, rolled.version}, versions),
