@@ -8,6 +8,7 @@ import http.client
 import json
 import logging
 import os
+import platform
 import shutil
 import threading
 import time
@@ -178,7 +179,7 @@ def measure(cfg: DictConfig, clients: int, workdir: Path, command: str, out: Pat
     versions = [rolled.previous, rolled.version, rolled.previous]
     result = {
         "command": command,
-        "machine": f"{len(os.sched_getaffinity(0))} CPU cores",
+        "machine": f"{len(os.sched_getaffinity(0))} cores, {platform.machine()}",
         "name": cfg.name,
         "load": summary(answers, {rolled.previous, rolled.version}, versions),
         "rollout": as_dict(rolled),
