@@ -38,6 +38,15 @@ class Answer(NamedTuple):
     version: str | None
 
 
+def version_of(raw: bytes) -> str | None:
+    """The version an answer names (None: not a JSON answer with one)."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return body.get("version") if isinstance(body, dict) else None
+
+
 class Load:
     """`clients` threads, each sending the images in turn to /predictions/<name> over its own keep-alive connection
     until `stop()`, which returns every Answer, in the order each client sent them."""
@@ -61,12 +70,12 @@ class Load:
             try:
                 conn.request("POST", self.path, self.images[(index + sent) % len(self.images)], self.headers)
                 response = conn.getresponse()
-                body = json.loads(response.read())
-                self.answers[index].append(Answer(index, start, response.status, body.get("version")))
-            except (OSError, http.client.HTTPException, json.JSONDecodeError):
-                self.answers[index].append(Answer(index, start, 0, None))
+                status, raw = response.status, response.read()
+            except (OSError, http.client.HTTPException):
+                status, raw = 0, b""
                 conn.close()
                 conn = self.connect()
+            self.answers[index].append(Answer(index, start, status, version_of(raw)))
             sent += 1
         conn.close()
 

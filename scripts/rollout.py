@@ -69,10 +69,9 @@ def main(argv: list[str] | None = None) -> None:
         if args.what == "new":
             mar = Path(args.mar) if args.mar else release.build(cfg)
             images = release.held_out(cfg, cfg.rollout.gate_images)
-            report = roll_out(api, mar, args.model_store or cfg.paths.model_store, images)
+            roll_out(api, mar, args.model_store or cfg.paths.model_store, images)
         else:
-            report = roll_back(api, cfg.name)
-        print(report.line(), flush=True)
+            roll_back(api, cfg.name)
         follow(api, cfg.name, cfg.rollout.alias)
 
 

@@ -190,7 +190,8 @@ def roll_out(api: Api, mar: Path | str, model_store: Path | str, images: list[by
     try:
         api.register(url, workers, READY_TIMEOUT_S)
     except ApiError as err:
-        raise RolloutError(f"registering {url} failed, {report.previous} still serves: {err}") from None
+        hint = " (registering needs enable_model_api=true)" if "answered 405" in str(err) else ""
+        raise RolloutError(f"registering {url} failed, {report.previous} still serves: {err}{hint}") from None
     try:
         wait(lambda: ready(described(api, name, version)), READY_TIMEOUT_S, f"{name} {version}'s workers READY")
         clock.lap("register")
