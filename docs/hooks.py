@@ -29,7 +29,7 @@ COMMANDS = {
     "profile": "make profile",
     "tune": "make tune",
     "loadtest": "make loadtest",
-    "rollout": "python -m scripts.rollout bench version=1.1 seed=7",
+    "rollout": "make rollout-bench",
 }
 
 

@@ -5,7 +5,8 @@
     python -m scripts.rollout new version=1.2 --mar model_store/digits_cnn.mar   # an archive built already, e.g. by
                                                        # make archive ARGS='archive.from_alias=champion version=1.2'
     python -m scripts.rollout back                     # make rollback: the previous version is the default again
-    python -m scripts.rollout bench version=1.1 seed=7 # 64 clients through a rollout and a rollback -> reports/rollout/
+    python -m scripts.rollout bench version=1.1 seed=7 # make rollout-bench: 64 clients through a rollout and a
+                                                       # rollback -> reports/rollout/
 
 The server is `make serve`'s (config.properties' addresses, the keys in logs/torchserve/key_file.json) unless
 --inference/--management, --inference-key/--management-key and --model-store (the folder that server registers
