@@ -22,7 +22,7 @@ from pathlib import Path
 from bench.rollout import measure
 from common.cli import one_line_errors
 from common.config import load_config
-from servers.rollout import roll_back, roll_out
+from servers.rollout import preflight, roll_back, roll_out
 from servers.torchserve import CONFIG_PROPERTIES, WORKDIR, Api
 from training import release, tracking
 
@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> None:
             return
         api = server(args)
         if args.what == "new":
+            if not args.mar:
+                preflight(api, cfg.name, str(cfg.version))  # before training: the server is there, 1.1 is new
             mar = Path(args.mar) if args.mar else release.build(cfg)
             images = release.held_out(cfg, cfg.rollout.gate_images)
             roll_out(api, mar, args.model_store or cfg.paths.model_store, images)

@@ -172,19 +172,26 @@ def stage(mar: Path, model_store: Path, name: str, version: str) -> str:
     return target
 
 
+def preflight(api: Api, name: str, version: str) -> dict:
+    """The server serves `name` and holds no `version` of it yet; returns the default version's description."""
+    try:
+        live = api.default(name)
+    except ApiError as err:
+        raise RolloutError(f"{name} is not served there, nothing rolled out: {err}") from None
+    if any(d["modelVersion"] == version for d in api.versions(name)):
+        raise RolloutError(f"{name} {version} is registered already: build the new one with another version=")
+    return live
+
+
 def roll_out(api: Api, mar: Path | str, model_store: Path | str, images: list[bytes]) -> Report:
     """Make the archive `mar` the default version of its model on the server `api` reaches (module docstring)."""
     mar = Path(mar)
     manifest = read_manifest(mar)["model"]
     name, version = manifest["modelName"], manifest.get("modelVersion", "")
-    try:
-        live = api.default(name)
-    except ApiError as err:
-        raise RolloutError(f"{name} is not served there, nothing rolled out: {err}") from None
-    report = Report(name, version, live["modelVersion"])
-    clock = Clock(report)
-    if any(d["modelVersion"] == version for d in api.versions(name)):
-        raise RolloutError(f"{name} {version} is registered already: build the new one with another version=")
+    report = Report(name, version, previous="")
+    clock = Clock(report)  # from the first call to the server
+    live = preflight(api, name, version)
+    report.previous = live["modelVersion"]
     workers = read_model_config(mar).workers or len(live["workers"]) or 1
     url = stage(mar, model_store, name, version)
     try:
