@@ -24,7 +24,7 @@ from common.cli import one_line_errors
 from common.config import load_config
 from servers.rollout import preflight, roll_back, roll_out
 from servers.torchserve import CONFIG_PROPERTIES, WORKDIR, Api
-from training import release, tracking
+from training import registry, release
 
 
 def server(args: argparse.Namespace) -> Api:
@@ -38,7 +38,7 @@ def server(args: argparse.Namespace) -> Api:
 
 def follow(api: Api, name: str, alias: str) -> None:
     """Point the registry alias at the version the server now serves."""
-    version = tracking.promote(api.describe(name).get("lineage"), alias)
+    version = registry.promote(api.describe(name).get("lineage"), alias)
     if version:
         print(f"registry: {name}@{alias} is version {version}", flush=True)
 

@@ -17,7 +17,7 @@ from handlers.archive import read_lineage, read_manifest, read_model_config, rep
 from scripts.rollout import main as rollout_main
 from servers.rollout import RolloutError, roll_back, roll_out, version_key
 from servers.torchserve import TorchServe
-from training import lineage, release, tracking
+from training import lineage, registry, release, tracking
 from training.archive import ArchiveError, archive
 
 CLIENTS = 16
@@ -46,7 +46,7 @@ def test_every_training_run_is_a_registry_version_tagged_with_its_lineage(cfg, m
 
 def test_archive_from_an_alias_packs_that_registered_version(cfg, mar, tmp_path):
     record = read_lineage(mar)
-    assert tracking.promote(record, ALIAS) == record["registry"]["version"]
+    assert registry.promote(record, ALIAS) == record["registry"]["version"]
     paths = {"artifacts": str(tmp_path / "no-artifacts"), "model_store": str(tmp_path / "store")}
     built = archive(OmegaConf.merge(cfg, {"paths": paths, "version": "7.0", "archive": {"from_alias": ALIAS}}))
     assert read_manifest(built)["model"]["modelVersion"] == "7.0"
@@ -131,7 +131,7 @@ def test_a_rollout_and_a_rollback_under_load_lose_nothing(cfg, mar, release_cfg,
         assert described["lineage"]["registry"] == new["registry"]
         assert described["drift"]["window"] == min(window, len(images) + served_by_new)  # the gate's and the load's
         assert workers(api, cfg.name) == {"1.0": 0, "1.1": 1}  # 1.0 retired
-        assert tracking.promote(described["lineage"], ALIAS) == new["registry"]["version"]
+        assert registry.promote(described["lineage"], ALIAS) == new["registry"]["version"]
 
         with load() as phase:
             until(lambda: answered_since(phase, 0), what="a first answer for every client")

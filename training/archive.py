@@ -5,7 +5,7 @@ model.pt for workers given a GPU where that variant runs on CPUs only (`archive.
 TorchServe loads) with the `handlers/` package it imports, the label map, the drift reference,
 the lineage (training run, data hash, git commit) and a model-config.yaml built from the `serve:` config
 section. It refuses a model whose run it cannot identify unless `archive.require_lineage=false`.
-`archive.from_alias=champion` packs the files of the MLflow registry version that alias names (training/tracking.py)
+`archive.from_alias=champion` packs the files of the MLflow registry version that alias names (training/registry.py)
 instead of `paths.artifacts`.
 """
 
@@ -25,7 +25,7 @@ from common.config import ROOT
 from common.io import atomic_path, write_json
 from handlers import files
 from handlers.archive import ModelConfig, mar_file, read_manifest
-from training import lineage, tracking
+from training import lineage, registry
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def archive(cfg: DictConfig) -> Path:
         raise ArchiveError(f"archive.from_alias needs logger=mlflow: logger={cfg.logger.kind} has no model registry")
     names = [files.VARIANTS[variant], files.LABELS, files.REFERENCE, files.MODEL]
     with tempfile.TemporaryDirectory() as tmp:
-        tracking.fetch(cfg.logger.tracking_uri, cfg.name, alias, names, tmp)
+        registry.fetch(cfg.logger.tracking_uri, cfg.name, alias, names, tmp)
         return pack(cfg, Path(tmp))
 
 
