@@ -98,6 +98,16 @@ monitoring: $(STAMP)  ## Prometheus on :9090 with monitoring/alerts.yml, scrapin
 monitoring-check: $(STAMP)  ## promtool check of monitoring/prometheus.yml and alerts.yml
 	$(PY) -m scripts.prometheus install && $(PY) -m scripts.prometheus check
 
+.PHONY: rollout rollback rollout-bench
+rollout: $(STAMP)  ## a new version into the running server, nothing lost (ARGS='version=1.1 seed=7'; docs/rollout.md)
+	$(PY) -m scripts.rollout new $(ARGS)
+
+rollback: $(STAMP)  ## the running server's previous version becomes the default again
+	$(PY) -m scripts.rollout back $(ARGS)
+
+rollout-bench: $(STAMP) pipeline  ## 64 clients through a rollout and a rollback -> reports/rollout/ (ARGS='version=1.1 seed=7')
+	$(PY) -m scripts.rollout bench $(or $(ARGS),version=1.1 seed=7)
+
 .PHONY: mlflow tune profile
 mlflow: $(STAMP)  ## MLflow UI on http://127.0.0.1:5000 over the local tracking store runs/ (ARGS='--port 5001')
 	$(PY) -m mlflow ui --host 127.0.0.1 --port 5000 $(ARGS) --backend-store-uri \

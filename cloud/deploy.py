@@ -7,6 +7,8 @@ deploys through Cloud Build (cloud/cloudbuild.yaml), whose `gcloud run deploy` i
 With `gpu`, `serve` builds the image's gpu target (cloud/cloudbuild-gpu.yaml) and deploys it on an NVIDIA L4
 with the serve=gpu profile's concurrency; `train` runs the job on a G2 machine with one L4 (the training
 image's torch is PyPI's CUDA build).
+`rollout` moves the service to a new model version gradually (`rollout_commands`): a revision of that version's
+pushed image that gets no traffic, then a share of it (canary), then all of it (promote), or all back (rollback).
 """
 
 import copy
@@ -175,6 +177,34 @@ def serve_commands(subs: dict[str, str], project: str, skip_build: bool, gpu: bo
     return commands
 
 
+ROLLOUT_STAGES = ("canary", "promote", "rollback")
+
+
+def revision_tag(version: str) -> str:
+    """The Cloud Run traffic tag of a model version (lowercase letters, digits, dashes): 1.1 -> v1-1."""
+    return "v" + re.sub(r"[^a-z0-9]+", "-", version.lower()).strip("-")
+
+
+def rollout_commands(
+    subs: dict[str, str], project: str, stage: str, percent: int, previous: str, gpu: bool = False
+) -> list[list[str]]:
+    """canary: deploy the version's image as a revision with no traffic, tagged (its own URL), then give it `percent`
+    of the traffic; promote: all of it; rollback: all of it to the `previous` revision."""
+    tag = revision_tag(subs["_MODEL_VERSION"])
+    traffic = ["gcloud", "run", "services", "update-traffic", subs["_SERVICE"], f"--project={project}",
+               f"--region={subs['_REGION']}"]  # fmt: skip
+    if stage == "canary":
+        if not 0 < percent < 100:
+            raise DeployError(f"--percent {percent}: a canary gets between 1 and 99 percent of the traffic")
+        return [
+            [*run_deploy(subs, project, gpu), "--no-traffic", f"--tag={tag}"],
+            [*traffic, f"--to-tags={tag}={percent}"],
+        ]
+    if stage == "promote":
+        return [[*traffic, f"--to-tags={tag}=100"]]
+    return [[*traffic, f"--to-revisions={previous}=100"]]
+
+
 def vertex_spec(
     subs: dict[str, str],
     project: str,
@@ -247,17 +277,29 @@ def deploy(
     dry_run: bool = False,
     replicas: int = 1,
     gpu: bool = False,
+    stage: str = "canary",
+    percent: int = 10,
+    previous: str | None = None,
 ) -> None:
-    """`serve` (Cloud Run) or `train` (a Vertex AI custom job): print each gcloud command, run it unless dry_run.
-    gpu: on an NVIDIA L4; for serve, `cfg` is composed with serve=gpu (scripts/deploy.py does)."""
+    """`serve` (Cloud Run), `rollout` (a gradual one on Cloud Run: `stage`) or `train` (a Vertex AI custom job): print
+    each gcloud command, run it unless dry_run. gpu: on an NVIDIA L4; for serve and rollout, `cfg` is composed with
+    serve=gpu (scripts/deploy.py does)."""
     project = project or ("PROJECT_ID" if dry_run else None)
     if not project:
         raise DeployError("no GCP project: pass --project or set GOOGLE_CLOUD_PROJECT")
     machine = machine or (VERTEX_GPU["machine"] if gpu else DEFAULTS["machine"])
-    memory = memory or (GPU_MEMORY if gpu and what == "serve" else DEFAULTS["memory"])
-    subs = substitutions(cfg, region, repository, service, memory, instances, gpu and what == "serve")
+    serving = what in ("serve", "rollout")
+    memory = memory or (GPU_MEMORY if gpu and serving else DEFAULTS["memory"])
+    subs = substitutions(cfg, region, repository, service, memory, instances, gpu and serving)
     if what == "serve":
         commands = serve_commands(subs, project, skip_build, gpu)
+    elif what == "rollout":
+        if stage == "rollback" and not previous and not dry_run:
+            raise DeployError(
+                f"rollout --stage rollback needs --previous REVISION (`gcloud run revisions list "
+                f"--service={subs['_SERVICE']} --region={region}` lists them)"
+            )
+        commands = rollout_commands(subs, project, stage, percent, previous or "PREVIOUS_REVISION", gpu)
     else:
         if not bucket:
             raise DeployError("train needs --bucket, the GCS bucket for the job's outputs")

@@ -29,6 +29,7 @@ COMMANDS = {
     "profile": "make profile",
     "tune": "make tune",
     "loadtest": "make loadtest",
+    "rollout": "make rollout-bench",
 }
 
 

@@ -7,6 +7,9 @@
     python -m scripts.deploy serve --dry-run model=resnet18                            # Hydra overrides last
     python -m scripts.deploy serve --gpu --dry-run          # Cloud Run on an NVIDIA L4: the gpu image, serve=gpu
     python -m scripts.deploy train --gpu --bucket my-bucket --dry-run   # Vertex AI on g2-standard-8 with an L4
+    python -m scripts.deploy rollout --dry-run version=1.1   # 1.1's pushed image: a revision with 10% of the traffic
+    python -m scripts.deploy rollout --stage promote --dry-run version=1.1            # then all of it
+    python -m scripts.deploy rollout --stage rollback --previous REVISION --dry-run   # or all back to REVISION
 
 Model name and version come from the Hydra config, the port from docker/config.properties, the
 Cloud Run concurrency and CPU from the `serve:` section; project and region from the flags or
@@ -18,14 +21,16 @@ The library is cloud/deploy.py.
 import argparse
 import os
 
-from cloud.deploy import CLOUD_RUN_GPU, DEFAULTS, GPU_MEMORY, VERTEX_GPU, deploy
+from cloud.deploy import CLOUD_RUN_GPU, DEFAULTS, GPU_MEMORY, ROLLOUT_STAGES, VERTEX_GPU, deploy
 from common.cli import one_line_errors
 from common.config import load_config
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["serve", "train"], help="serve: Cloud Run; train: Vertex AI custom job")
+    parser.add_argument(
+        "what", choices=["serve", "train", "rollout"], help="serve: Cloud Run; train: Vertex AI job; rollout: gradual"
+    )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides (model=resnet18 ...); for train, the job's too")
     env = os.environ.get
     parser.add_argument("--project", default=env("GOOGLE_CLOUD_PROJECT"), help="GCP project (GOOGLE_CLOUD_PROJECT)")
@@ -50,13 +55,16 @@ def main(argv: list[str] | None = None) -> None:
         help=f"serve: the gpu image on Cloud Run with an {CLOUD_RUN_GPU['type']}, settings from serve=gpu; "
         f"train: one {VERTEX_GPU['acceleratorType']} per machine",
     )
+    parser.add_argument("--stage", choices=ROLLOUT_STAGES, default="canary", help="rollout: canary, promote, rollback")
+    parser.add_argument("--percent", type=int, default=10, help="rollout canary: its share of the traffic")
+    parser.add_argument("--previous", help="rollout rollback: the revision to send all traffic back to")
     parser.add_argument("--dry-run", action="store_true", help="print the gcloud commands, run nothing")
     args = parser.parse_intermixed_args(argv)
 
     with one_line_errors():
         deploy(
             args.what,
-            load_config((["serve=gpu"] if args.gpu and args.what == "serve" else []) + args.overrides),
+            load_config((["serve=gpu"] if args.gpu and args.what != "train" else []) + args.overrides),
             args.project,
             region=args.region,
             repository=args.repository,
@@ -70,6 +78,9 @@ def main(argv: list[str] | None = None) -> None:
             dry_run=args.dry_run,
             replicas=args.replicas,
             gpu=args.gpu,
+            stage=args.stage,
+            percent=args.percent,
+            previous=args.previous,
         )
 
 

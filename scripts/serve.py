@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 from common.cli import one_line_errors
-from common.config import ROOT, load_config
+from common.config import load_config
 from handlers.archive import mar_file
 from servers.process import ServerError
-from servers.torchserve import CONFIG_PROPERTIES, TorchServe
+from servers.torchserve import CONFIG_PROPERTIES, WORKDIR, TorchServe
 
 
 def serving(described: dict) -> str:
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=resnet18")
     parser.add_argument("--config", default=str(CONFIG_PROPERTIES), help="TorchServe config.properties")
-    parser.add_argument("--workdir", default=str(ROOT / "logs" / "torchserve"), help="logs, key file, pid file")
+    parser.add_argument("--workdir", default=str(WORKDIR), help="logs, key file, pid file")
     parser.add_argument("--timeout", type=float, default=180, help="seconds to wait for READY workers")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

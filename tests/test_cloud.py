@@ -451,3 +451,52 @@ def test_train_gpu_dry_run_renders_a_vertex_job_that_the_api_schema_accepts(tmp_
     deploy_main(["train", "--bucket", "b", "--dry-run"])
     assert validate(spec_path) == "n1-standard-4 None None"
     capsys.readouterr()
+
+
+def test_rollout_dry_run_prints_a_gradual_cloud_run_rollout(capsys):
+    """canary: 1.1's image as a tagged revision with no traffic, then 10% to it; promote: 100%; rollback: all of it
+    back to the revision named."""
+    deploy_main(["rollout", "--project", "my-proj", "--dry-run", "version=1.1"])
+    canary, split = capsys.readouterr().out.splitlines()
+    assert canary.startswith("gcloud run deploy digits-cnn --project=my-proj")
+    assert "--image=europe-west1-docker.pkg.dev/my-proj/models/digits_cnn:1.1" in canary
+    assert canary.endswith("--no-allow-unauthenticated --no-traffic --tag=v1-1")
+    traffic = "gcloud run services update-traffic digits-cnn --project=my-proj --region=europe-west1"
+    assert split == f"{traffic} --to-tags=v1-1=10"
+    deploy_main(["rollout", "--stage", "promote", "--project", "my-proj", "--dry-run", "version=1.1"])
+    assert capsys.readouterr().out.splitlines() == [f"{traffic} --to-tags=v1-1=100"]
+    deploy_main(
+        ["rollout", "--stage", "rollback", "--previous", "digits-cnn-00001-abc", "--project", "my-proj", "--dry-run"]
+    )
+    assert capsys.readouterr().out.splitlines() == [f"{traffic} --to-revisions=digits-cnn-00001-abc=100"]
+    assert deploy.revision_tag("2.0rc1") == "v2-0rc1"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--percent", "100", "--dry-run"], "error: --percent 100: a canary gets between 1 and 99 percent"),
+        (["--stage", "rollback", "--project", "p"], "error: rollout --stage rollback needs --previous REVISION"),
+    ],
+)
+def test_bad_rollouts_are_one_line_errors(argv, message):
+    with pytest.raises(SystemExit) as exc:
+        deploy_main(["rollout", *argv])
+    assert str(exc.value).startswith(message) and "\n" not in str(exc.value)
+
+
+@pytest.mark.skipif(not GCLOUD, reason="needs the gcloud CLI")
+def test_gcloud_accepts_every_flag_of_the_gradual_rollout(default_cfg, tmp_path):
+    """Each rollout command parses (without credentials: exit 1 for the missing account), and a misspelt flag
+    does not (exit 2), as for the GPU deploy above."""
+    env = {**os.environ, "CLOUDSDK_CONFIG": str(tmp_path), "CLOUDSDK_CORE_DISABLE_PROMPTS": "1"}
+    d = deploy.DEFAULTS
+    cfg = load_config(["version=1.1"])
+    subs = deploy.substitutions(cfg, d["region"], d["repository"], None, d["memory"], (0, 3))
+    commands = [c for stage in deploy.ROLLOUT_STAGES for c in deploy.rollout_commands(subs, "my-proj", stage, 10, "r1")]
+    assert len(commands) == 4
+    for command in commands:
+        run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+        assert run.returncode == 1 and "active account" in run.stderr, (command, run.stderr)
+    run = subprocess.run([*commands[1][:-1], "--to-tagz=v1-1=10"], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 2 and "unrecognized arguments: --to-tagz" in run.stderr, run.stderr

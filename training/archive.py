@@ -5,6 +5,8 @@ model.pt for workers given a GPU where that variant runs on CPUs only (`archive.
 TorchServe loads) with the `handlers/` package it imports, the label map, the drift reference,
 the lineage (training run, data hash, git commit) and a model-config.yaml built from the `serve:` config
 section. It refuses a model whose run it cannot identify unless `archive.require_lineage=false`.
+`archive.from_alias=champion` packs the files of the MLflow registry version that alias names (training/registry.py)
+instead of `paths.artifacts`.
 """
 
 import logging
@@ -23,7 +25,7 @@ from common.config import ROOT
 from common.io import atomic_path, write_json
 from handlers import files
 from handlers.archive import ModelConfig, mar_file, read_manifest
-from training import lineage
+from training import lineage, registry
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +73,24 @@ def check(mar: Path, name: str, version: str, model_file: str, expected: set[str
 
 
 def archive(cfg: DictConfig) -> Path:
-    """Build the archive in a temporary folder, check it, then replace the old one."""
-    artifacts = Path(cfg.paths.artifacts)
+    """Pack `paths.artifacts`, or with `archive.from_alias` the registry version that alias names."""
     variant = cfg.export.variant
     if variant not in files.VARIANTS:
         raise ArchiveError(f"unknown export.variant {variant!r}: one of {', '.join(files.VARIANTS)}")
+    alias = cfg.archive.get("from_alias")
+    if not alias:
+        return pack(cfg, Path(cfg.paths.artifacts))
+    if cfg.logger.kind != "mlflow":
+        raise ArchiveError(f"archive.from_alias needs logger=mlflow: logger={cfg.logger.kind} has no model registry")
+    names = [files.VARIANTS[variant], files.LABELS, files.REFERENCE, files.MODEL]
+    with tempfile.TemporaryDirectory() as tmp:
+        registry.fetch(cfg.logger.tracking_uri, cfg.name, alias, names, tmp)
+        return pack(cfg, Path(tmp))
+
+
+def pack(cfg: DictConfig, artifacts: Path) -> Path:
+    """Build the archive in a temporary folder, check it, then replace the old one."""
+    variant = cfg.export.variant
     if cfg.serve.max_batch_delay_ms < 1:
         raise ArchiveError(
             f"serve.max_batch_delay_ms={cfg.serve.max_batch_delay_ms}: use 1 or more "

@@ -70,7 +70,7 @@ def export(cfg: DictConfig) -> Path:
     classes = classifier.hparams.classes
     write_json(out / files.LABELS, {str(i): name for i, name in enumerate(classes)})
     write_json(out / files.REFERENCE, reference(eager, cfg.paths.data).to_json())
-    tracking.attach(out, written)  # to the training run that lineage.json names
+    tracking.attach(out, [*written, out / files.LABELS, out / files.REFERENCE])  # to the run lineage.json names
     return out / files.MODEL
 
 

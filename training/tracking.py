@@ -2,6 +2,9 @@
 what every run logs beside Lightning's per-epoch metrics (the resolved config as parameters, the lineage as
 tags, plots), and the artifacts that later stages add to a finished run (export: model.pt; robustness: its plot).
 
+MLflow also keeps a model registry: every finished training run becomes a new version of the registered model
+`<name>`, tagged with its data hash and commit (training/registry.py reads it back).
+
 One Tracker per backend says how it does each of these; the functions below pick the run's tracker. The
 backends' libraries are imported only when a run uses them, so `--help` and `logger=none` stay fast.
 """
@@ -18,6 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from common.cli import BundleError
+from handlers import files
 from training import lineage
 
 log = logging.getLogger(__name__)
@@ -25,6 +29,7 @@ log = logging.getLogger(__name__)
 SQLITE = "sqlite:///"
 URI_VARIABLE = "MLFLOW_TRACKING_URI"  # the team server's address, when set (configs/logger/mlflow.yaml)
 SKIPPED = ("hydra",)  # config sections that describe the launcher, not the run
+REGISTRY_TAGS = ("data_hash", "git_commit", "git_dirty")  # lineage keys each registry version carries as tags
 
 
 class TrackingError(BundleError):
@@ -68,6 +73,16 @@ def wandb_mode(setting: str) -> str:
     return "online" if wandb_has_key() else "offline"
 
 
+def store_uri(uri: str) -> str:
+    """The tracking URI with a local store's path made absolute, so later stages find it from any folder."""
+    store = local_store(uri)
+    return SQLITE + str(store.resolve()) if store is not None else uri
+
+
+def first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
 def copy_into(paths: list[Path], target: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     for path in paths:
@@ -103,6 +118,11 @@ class Tracker:
     def attach(self, record: dict, paths: list[Path], folder: str) -> None:
         """Add files to the finished run that the lineage `record` names."""
 
+    def register(self, logger, record: dict) -> dict | None:
+        """Add the run's model to the model registry as a new version: {"model", "version"}; None: no registry."""
+        log.info("logger=%s has no model registry: this run is not registered (logger=mlflow has one)", self.kind)
+        return None
+
 
 class MLflow(Tracker):
     kind, logger_class = "mlflow", "MLFlowLogger"
@@ -115,9 +135,9 @@ class MLflow(Tracker):
         if not uri:
             raise TrackingError("logger.tracking_uri (or MLFLOW_TRACKING_URI) is empty")
         store = local_store(uri)
-        if store is not None:  # absolute, so later stages find it from any folder
+        if store is not None:
             store.parent.mkdir(parents=True, exist_ok=True)
-            uri = SQLITE + str(store.resolve())
+            uri = store_uri(uri)
         location = str(Path(settings.artifact_location).resolve()) if store is not None else None
         logger = MLFlowLogger(
             experiment or settings.experiment,
@@ -177,8 +197,26 @@ class MLflow(Tracker):
             for path in paths:
                 client.log_artifact(run_id, str(path), folder or None)
         except MlflowException as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise TrackingError(f"cannot log to MLflow run {run_id} at {record['tracking_uri']}: {first}") from None
+            raise TrackingError(
+                f"cannot log to MLflow run {run_id} at {record['tracking_uri']}: {first_line(err)}"
+            ) from None
+
+    def register(self, logger, record: dict) -> dict:
+        """A new version of the registered model `<name>` (created on first use) whose source is the run, tagged
+        with REGISTRY_TAGS; the run gets lineage.json with the version in it, which `fetch` hands the archive."""
+        from mlflow.exceptions import MlflowException
+
+        client, name = logger.experiment, record["name"]
+        try:
+            client.create_registered_model(name, description="Registered by training/tracking.py on every run.")
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        tags = {key: str(record.get(key)) for key in REGISTRY_TAGS}
+        version = client.create_model_version(name, f"runs:/{logger.run_id}", run_id=logger.run_id, tags=tags)
+        entry = {"model": name, "version": str(version.version)}
+        client.log_dict(logger.run_id, {**record, "registry": entry}, files.LINEAGE)
+        return entry
 
 
 class Wandb(Tracker):
@@ -335,6 +373,9 @@ def finish(logger, cfg: DictConfig, origin: dict, paths: list[Path]) -> dict:
     record = {"name": cfg.name, "version": str(cfg.version), **run_info(logger, cfg), **origin}
     record["trained_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     upload(logger, paths)
+    if registered := tracker(logger).register(logger, record):
+        record["registry"] = registered
+        log.info("registered %s version %s in %s", registered["model"], registered["version"], record["tracking_uri"])
     tracker(logger).finish(logger)
     return record
 
