@@ -223,10 +223,7 @@ def test_vertex_entrypoint_runs_the_pipeline_and_copies_the_outputs(tmp_path):
 
 
 @pytest.mark.slow
-def test_command_lines_help_and_one_line_errors(tmp_path):
-    for module in ("scripts.deploy", "scripts.vertex_train"):
-        run = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT)
-        assert run.returncode == 0 and "usage" in run.stdout, module
+def test_command_lines_one_line_errors(tmp_path):
     env = {**os.environ, "AIP_MODEL_DIR": str(tmp_path)}
     env.pop("OUTPUT_DIR", None)
     run = subprocess.run(

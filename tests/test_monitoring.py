@@ -157,8 +157,6 @@ def test_a_prometheus_that_cannot_start_says_why(binaries, tmp_path):
 @pytest.mark.slow  # installs Prometheus where it is missing
 def test_command_line_help_check_and_one_line_errors(binaries, tmp_path):
     cmd = [sys.executable, "-m", "scripts.prometheus"]
-    run = subprocess.run([*cmd, "--help"], capture_output=True, text=True, cwd=ROOT)
-    assert run.returncode == 0 and "install" in run.stdout and "check" in run.stdout
     run = subprocess.run([*cmd, "check"], capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0 and run.stdout.count("SUCCESS") >= 2, run.stderr
     missing = tmp_path / "missing.properties"
