@@ -4,7 +4,7 @@ KServe's `kserve-torchserve` runtime (modelFormat pytorch) copies the InferenceS
 and runs `torchserve --start --model-store=/mnt/models/model-store --ts-config=/mnt/models/config/config.properties`
 with KServe's Python model server in front (HTTP 8080, gRPC 8081), which answers the health, readiness and
 metadata routes and forwards inference to TorchServe's inference address (8085 here) in the InferenceService's
-protocol (servers/kserve.py is that front, for running the pod locally). The runtime also sets
+protocol (servers/kserve.py runs such a pod locally). The runtime also sets
 TS_SERVICE_ENVELOPE; the config below leaves TorchServe's environment-variable settings off, so the stock envelope,
 which reads one request per batch, stays off and the handler reads both protocols itself (handlers/protocol.py).
 """
@@ -22,9 +22,9 @@ from common.config import ROOT
 from common.io import write_text
 from handlers import files
 from handlers.archive import mar_file, members, read_manifest
+from servers.kserve import MOUNT
 from servers.torchserve import read_properties
 
-MOUNT = "/mnt/models"  # where the runtime puts the storage folder
 TORCHSERVE_PORT = 8085  # TorchServe's inference and management address inside the pod (KServe's front is 8080)
 METRICS_PORT = 8082  # the runtime's prometheus.kserve.io/port annotation
 PROTOCOLS = ("v1", "v2")
