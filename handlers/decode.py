@@ -108,6 +108,8 @@ def nvjpeg_can(img: Image.Image) -> bool:
 def decode_jpegs(blobs: list[bytes], device: torch.device) -> list[torch.Tensor | InputError]:
     """JPEG files -> uint8 RGB tensors [3, H, W] on `device`, decoded as one batch (nvJPEG on a GPU). The batch
     call answers all or nothing, so when it fails each file is decoded alone and a corrupt one fails alone."""
+    if not blobs:  # a batch without plain JPEGs (PNGs, pixels): decode_jpeg refuses an empty list
+        return []
     from torchvision.io import ImageReadMode, decode_jpeg  # deprecated in torchvision 0.29 for TorchCodec
 
     data = [torch.frombuffer(bytearray(blob), dtype=torch.uint8) for blob in blobs]

@@ -17,6 +17,7 @@ from tritonclient.utils import InferenceServerException
 from handlers import protocol
 from handlers.archive import read_manifest, read_model_config
 from handlers.classifier import ImageClassifier
+from handlers.decode import InputError, decode_batch
 from handlers.handler import Handler
 from tests import client
 from tests.client import hostile_corpus, png
@@ -239,3 +240,36 @@ def test_hostile_corpus_through_v2_and_v1_gets_4xx_and_no_restart(server, cfg, d
             wrong.append((name, "v2", status, raw))
     assert wrong == []
     assert pids(server, cfg) == before
+
+
+def test_pixels_pass_the_gpu_workers_decoder_too(cfg, digits):
+    """A GPU worker decodes a batch's JPEGs together (decode_batch with a device); Pixels pass through it as through
+    the CPU path, their pixel limit included. Run here with the CPU as the device: the same code path."""
+    pixels = np.stack([rgb(d) for d in digits[:2]])
+    uint8 = protocol.parse(tensor("UINT8", list(pixels.shape), pixels.flatten().tolist())).payload
+    jpeg = png(torch.from_numpy(rgb(digits[2])).permute(2, 0, 1).contiguous(), "JPEG")
+    payloads = [uint8, jpeg, protocol.parse(v2(b64(digits[3]))).payload, uint8]
+    plain = decode_batch(payloads, cfg.serve.handler.max_pixels)
+    batched = decode_batch(payloads, cfg.serve.handler.max_pixels, torch.device("cpu"))
+    for (want, many), (got, listed) in zip(plain, batched, strict=True):
+        assert many == listed and all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+    assert [img.shape[1:] for img in batched[0][0]] == [pixels.shape[1:3]] * 2
+    [refused] = decode_batch([uint8], 10, torch.device("cpu"))
+    assert isinstance(refused, InputError) and refused.status == 413
+    limit = cfg.serve.handler.max_pixels
+    [(only, _)] = decode_batch([digits[0]], limit, torch.device("cpu"))  # a batch without a JPEG
+    assert torch.equal(only[0], decode_batch([digits[0]], limit)[0][0][0])
+
+
+@pytest.mark.gpu
+def test_a_gpu_worker_answers_both_tensor_forms_alike(model_dir, settings, digits):
+    """On a GPU worker (nvJPEG for JPEGs, the portable file in bf16), BYTES files and the same images as UINT8 pixels
+    get the same answers."""
+    gpu = ImageClassifier.from_dir(model_dir, settings(device="cuda"))
+    pixels = np.stack([rgb(d) for d in digits])
+    files = protocol.parse(v2(*map(b64, digits))).payload
+    uint8 = protocol.parse(tensor("UINT8", list(pixels.shape), pixels.flatten().tolist())).payload
+    as_files, as_pixels = gpu.handle([files, uint8])
+    assert as_files.status == as_pixels.status == 200 and gpu.served()["device"].startswith("cuda")
+    assert as_files.body["predictions"] == as_pixels.body["predictions"]
+    assert torch.allclose(as_files.probs, as_pixels.probs) and as_files.probs.shape == (len(digits), 10)
