@@ -12,11 +12,11 @@ import tritonclient.http
 from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 
 from cloud import kserve
+from servers import kserve as pod_servers
 from servers.kserve import ModelServer, RuntimeTorchServe
 from tests import client
 from tests.client import png
 
-pytestmark = pytest.mark.server
 TOL = 1e-5
 
 
@@ -51,6 +51,7 @@ def agree(labels: list, probs: np.ndarray, want: list[dict]) -> None:
         assert all(abs(row[top["index"]] - top["probability"]) <= TOL for top in answer["top_k"])
 
 
+@pytest.mark.server
 def test_the_runtime_environment_does_not_turn_the_stock_envelope_on(pod, cfg, digits):
     """The runtime sets TS_SERVICE_ENVELOPE=kservev2; the folder's config ignores environment settings, so the
     handler reads the protocol itself. The stock envelope would answer the first image only, in one output named
@@ -64,6 +65,7 @@ def test_the_runtime_environment_does_not_turn_the_stock_envelope_on(pod, cfg, d
     assert status == 200 and outputs == [("probabilities", [2, 10]), ("labels", [2])]
 
 
+@pytest.mark.server
 def test_tritonclient_through_kserve_gets_health_metadata_and_answers(pod, cfg, digits):
     torchserve, front = pod
     want = reference(torchserve, cfg, digits)
@@ -79,6 +81,7 @@ def test_tritonclient_through_kserve_gets_health_metadata_and_answers(pod, cfg, 
     agree(result.as_numpy("labels").tolist(), result.as_numpy("probabilities"), want)
 
 
+@pytest.mark.server
 def test_the_kserve_sdk_through_kserve_gets_readiness_and_answers(pod, cfg, digits):
     torchserve, front = pod
     want = reference(torchserve, cfg, digits)
@@ -93,3 +96,17 @@ def test_the_kserve_sdk_through_kserve_gets_readiness_and_answers(pod, cfg, digi
     outputs = {out.name: out.as_numpy() for out in found.outputs}
     assert ready and found.model_name == cfg.name
     agree(outputs["labels"].tolist(), outputs["probabilities"], want)
+
+
+def test_the_front_waits_for_torchserve_and_says_what_it_lacks(tmp_path, capsys):
+    """The front's one-line errors: a config without the snapshot naming the models, a TorchServe that never
+    answers (a port nobody listens on)."""
+    config = tmp_path / "config.properties"
+    config.write_text("inference_address=http://127.0.0.1:9\nmanagement_address=http://127.0.0.1:9\n")
+    with pytest.raises(SystemExit) as exc:
+        pod_servers.main(["--config", str(config)])
+    assert str(exc.value) == "error: config.properties has no model_snapshot naming the models"
+    config.write_text(config.read_text() + 'model_snapshot={"models": {"m": {}}}\n')
+    with pytest.raises(SystemExit) as exc:
+        pod_servers.main(["--config", str(config), "--timeout", "1"])
+    assert str(exc.value) == "error: TorchServe at http://127.0.0.1:9 has no READY worker for m after 1 s"

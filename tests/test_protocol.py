@@ -273,3 +273,15 @@ def test_a_gpu_worker_answers_both_tensor_forms_alike(model_dir, settings, digit
     assert as_files.status == as_pixels.status == 200 and gpu.served()["device"].startswith("cuda")
     assert as_files.body["predictions"] == as_pixels.body["predictions"]
     assert torch.allclose(as_files.probs, as_pixels.probs) and as_files.probs.shape == (len(digits), 10)
+
+
+@pytest.mark.server
+def test_the_protocol_benchmark_measures_both_routes(server, cfg, digits):
+    """bench/protocol.py for a second per route: both answered without errors, the share and load recorded."""
+    from bench import protocol as bench
+
+    result = bench.measure(server, cfg.name, digits[:2], connections=4, seconds=1, rounds=1)
+    assert set(result["rps"]) == {"predictions", "v2"} and min(result["rps"].values()) > 0
+    assert result["errors"] == {"predictions": 0, "v2": 0} and len(result["load_average_1m"]) == 3
+    assert result["v2_share"] == result["rps"]["v2"] / result["rps"]["predictions"]
+    assert "| `v2` |" in bench.summary(result) and "cores" in bench.summary(result)
