@@ -48,10 +48,12 @@ class Settings:
 
 @dataclass
 class Result:
-    """One request's answer: an HTTP status and a JSON-able body."""
+    """One request's answer: an HTTP status, a JSON-able body, and its images' class probabilities [images, classes]
+    (unrounded, every class: for callers that answer in another form than the body)."""
 
     status: int
     body: dict = field(default_factory=dict)
+    probs: torch.Tensor | None = None
 
 
 @dataclass
@@ -217,11 +219,11 @@ class ImageClassifier:
         ]
         return {"label": classes[0]["label"], "probability": classes[0]["probability"], "top_k": classes}
 
-    def encode(self, n: int, decoded: Decoded, answers: list[dict]) -> list[Result]:
-        """One Result per request: its error, its answer, or its list of answers."""
-        found: dict[int, list[dict]] = {}
-        for owner, answer in zip(decoded.owners, answers, strict=True):
-            found.setdefault(owner, []).append(answer)
+    def encode(self, n: int, decoded: Decoded, answers: list[dict], probs: torch.Tensor | None = None) -> list[Result]:
+        """One Result per request: its error, its answer, or its list of answers (with their rows of `probs`)."""
+        rows: dict[int, list[int]] = {}
+        for i, owner in enumerate(decoded.owners):
+            rows.setdefault(owner, []).append(i)
         results = []
         for r in range(n):
             if r in decoded.errors:
@@ -230,10 +232,10 @@ class ImageClassifier:
                 continue
             body = {"model": self.name, "version": self.version}
             if r in decoded.listed:
-                body["predictions"] = found[r]
+                body["predictions"] = [answers[i] for i in rows.get(r, [])]
             else:
-                body.update(found[r][0])
-            results.append(Result(200, body))
+                body.update(answers[rows[r][0]])
+            results.append(Result(200, body, None if probs is None else probs[rows.get(r, [])]))
         return results
 
     def run(self, payloads: list[object]) -> Batch:
@@ -247,7 +249,7 @@ class ImageClassifier:
         tracked_at = time.perf_counter()
         answers = [self.answer(p) for p in probs]
         return Batch(
-            results=self.encode(len(payloads), decoded, answers),
+            results=self.encode(len(payloads), decoded, answers, probs),
             decode_ms=(decoded_at - start) * 1e3,
             inference_ms=(inferred_at - decoded_at) * 1e3,
             drift_ms=(tracked_at - inferred_at) * 1e3,

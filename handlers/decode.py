@@ -1,9 +1,10 @@
 """Request payloads -> images: the first stage of serving, and the one decoder every tool uses.
 
 Accepted: raw image bytes, or JSON (parsed by TorchServe, or still bytes from a multipart field)
-{"data": "<base64>"} or {"instances": [{"b64": "<base64>"}, ...]}. Images become uint8 RGB
-tensors [3, H, W]. Every file's header (format, pixel count, EXIF orientation) is checked on the CPU before any
-pixel is decoded; then Pillow decodes on the CPU, or, for a worker on a GPU, nvJPEG decodes its JPEGs there.
+{"data": "<base64>"} or {"instances": [{"b64": "<base64>"}, ...]} ({"data": ...} instances too, as KServe's
+TorchServe examples send), or `Pixels` a caller decoded already. Images become uint8 RGB tensors [3, H, W].
+Every file's header (format, pixel count, EXIF orientation) is checked on the CPU before any pixel is decoded;
+then Pillow decodes on the CPU, or, for a worker on a GPU, nvJPEG decodes its JPEGs there.
 """
 
 import base64
@@ -11,6 +12,7 @@ import binascii
 import io
 import json
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,6 +33,20 @@ class InputError(ValueError):
     def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
+
+
+@dataclass
+class Pixels:
+    """Images that arrive as pixels, not files (a protocol's UINT8 tensor): uint8 RGB tensors [3, H, W]."""
+
+    images: list[torch.Tensor]
+
+    def checked(self, max_pixels: int) -> list[torch.Tensor]:
+        for img in self.images:
+            height, width = img.shape[-2:]
+            if height * width > max_pixels:
+                raise InputError(f"image is {width}x{height} pixels, over the limit of {max_pixels}", 413)
+        return self.images
 
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
@@ -92,6 +108,8 @@ def nvjpeg_can(img: Image.Image) -> bool:
 def decode_jpegs(blobs: list[bytes], device: torch.device) -> list[torch.Tensor | InputError]:
     """JPEG files -> uint8 RGB tensors [3, H, W] on `device`, decoded as one batch (nvJPEG on a GPU). The batch
     call answers all or nothing, so when it fails each file is decoded alone and a corrupt one fails alone."""
+    if not blobs:  # a batch without plain JPEGs (PNGs, pixels): decode_jpeg refuses an empty list
+        return []
     from torchvision.io import ImageReadMode, decode_jpeg  # deprecated in torchvision 0.29 for TorchCodec
 
     data = [torch.frombuffer(bytearray(blob), dtype=torch.uint8) for blob in blobs]
@@ -127,7 +145,7 @@ def images_in(payload: object) -> tuple[list[bytes], bool]:
             instances = payload["instances"]
             if not isinstance(instances, list) or not instances:
                 raise InputError('"instances" must be a non-empty list of {"b64": "..."}')
-            return [b64(i.get("b64") if isinstance(i, dict) else i) for i in instances], True
+            return [b64(i.get("b64", i.get("data")) if isinstance(i, dict) else i) for i in instances], True
         if "data" in payload:
             return [b64(payload["data"])], False
     raise InputError('JSON body must be {"data": "<base64>"} or {"instances": [{"b64": "<base64>"}, ...]}')
@@ -147,6 +165,8 @@ def b64(value: object) -> bytes:
 
 def decode_request(payload: object, max_pixels: int) -> tuple[list[torch.Tensor], bool]:
     """One request -> its decoded images and whether it asked for a list; InputError when it is bad."""
+    if isinstance(payload, Pixels):
+        return payload.checked(max_pixels), True
     blobs, many = images_in(payload)
     return [decode_image(blob, max_pixels) for blob in blobs], many
 
@@ -167,6 +187,12 @@ def decode_batch(
     opened: list = []
     jpegs: list[tuple[int, int, bytes]] = []  # (request, image, file) for nvJPEG
     for r, payload in enumerate(payloads):
+        if isinstance(payload, Pixels):
+            try:
+                opened.append((payload.checked(max_pixels), True))
+            except InputError as err:
+                opened.append(err)
+            continue
         try:
             blobs, many = images_in(payload)
             images = [open_image(blob, max_pixels) for blob in blobs]

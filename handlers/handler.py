@@ -1,15 +1,19 @@
-"""TorchServe adapter over the serving core (handlers/classifier.py, packed beside it in the .mar)."""
+"""TorchServe adapter over the serving core (handlers/classifier.py, packed beside it in the .mar); the Open Inference
+Protocol's requests are told by their body and mapped by handlers/protocol.py."""
 
 import json
 import logging
 import time
 from collections import Counter
+from dataclasses import replace
 
 import torch
 from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 
-from handlers.classifier import Batch, ImageClassifier, Settings
+from handlers import protocol
+from handlers.classifier import Batch, ImageClassifier, Result, Settings
+from handlers.decode import InputError
 
 log = logging.getLogger(__name__)
 GAUGE_EVERY_S = 1.0  # the timing gauges' sampling period: a gauge keeps only its last value between scrapes
@@ -53,12 +57,34 @@ class Handler:
         if context.get_request_header(0, "describe") == "True":  # GET /models/<name>?customized=true
             described = {"served": self.classifier.served(), "drift": self.classifier.drift_summary()}
             return [json.dumps({**described, "lineage": self.classifier.lineage})]
-        batch = self.classifier.run([payload(row) for row in data])
-        for idx, result in enumerate(batch.results):
+        bodies = [payload(row) for row in data]
+        requests = [self.parse(body, idx, context) for idx, body in enumerate(bodies)]  # v2 Request, None or refused
+        ran = [idx for idx, request in enumerate(requests) if not isinstance(request, InputError)]
+        batch = self.classifier.run([requests[idx].payload if requests[idx] else bodies[idx] for idx in ran])
+        found = dict(zip(ran, batch.results, strict=True))
+        results = [
+            Result(r.status, {"error": str(r)}) if isinstance(r, InputError) else found[idx]
+            for idx, r in enumerate(requests)
+        ]
+        self.record(context.metrics, replace(batch, results=results))
+        answers, served = [], (self.classifier.name, self.classifier.version)
+        for idx, (request, result) in enumerate(zip(requests, results, strict=True)):
             if result.status != 200:
                 context.set_response_status(result.status, result.body["error"], idx)
-        self.record(context.metrics, batch)
-        return [json.dumps(r.body) for r in batch.results]
+            if isinstance(request, protocol.Request):
+                answers.append(json.dumps(protocol.answer(request, result, *served)))
+            else:
+                answers.append(json.dumps(result.body))
+        return answers
+
+    @staticmethod
+    def parse(body: object, idx: int, context) -> protocol.Request | InputError | None:
+        """The Open Inference Protocol request in a body (handlers/protocol.py), None for the bundle's own forms."""
+        try:
+            binary = any(context.get_request_header(idx, h) is not None for h in protocol.BINARY_HEADERS)
+            return protocol.parse(body, binary)
+        except InputError as err:
+            return err
 
     def record(self, metrics, batch: Batch) -> None:
         """Custom metrics, declared in the bundle's metrics.yaml so that Prometheus exports them.

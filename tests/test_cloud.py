@@ -1,11 +1,13 @@
 """Google Cloud deployment files, offline: they parse, agree with each other and with the config,
 and cloud/deploy.py prints the commands they describe. Nothing here talks to Google Cloud."""
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -401,6 +403,7 @@ def test_gcloud_accepts_every_flag_of_the_gpu_deploy(gpu_subs, tmp_path):
 
 VALIDATE_JOB = """
 import sys
+import zipfile
 sys.path[:0] = [sys.argv[1] + "/lib", sys.argv[1] + "/lib/third_party"]
 from googlecloudsdk.api_lib.util import apis, messages
 from googlecloudsdk.core import yaml
@@ -469,6 +472,79 @@ def test_rollout_dry_run_prints_a_gradual_cloud_run_rollout(capsys):
     assert deploy.revision_tag("2.0rc1") == "v2-0rc1"
 
 
+def test_kserve_dry_run_writes_the_storage_folder_and_a_valid_inference_service(tmp_path, mar, cfg, capsys):
+    """The storage folder KServe's TorchServe runtime mounts and the InferenceService, read back through the kserve
+    SDK's models; the upload and apply commands printed."""
+    from cloud import kserve
+
+    deploy_main(["kserve", "--bucket", "my-bucket", "--dry-run", "--archive", str(mar), "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    folder = tmp_path / cfg.name
+    assert (folder / "model-store" / mar.name).read_bytes() == mar.read_bytes()
+    props = read_properties(folder / "config" / "config.properties")
+    container = read_properties(ROOT / "docker" / "config.properties")
+    for key in ("job_queue_size", "async_logging", "default_workers_per_model", "metrics_mode"):
+        assert props[key] == container[key], key
+    assert props["disable_token_authorization"] == "true" and props["enable_envvars_config"] == "false"
+    assert props["inference_address"] == props["management_address"] == "http://0.0.0.0:8085"
+    assert props["model_store"] == "/mnt/models/model-store"
+    assert (folder / "config" / "metrics.yaml").read_text() == (ROOT / "metrics.yaml").read_text()
+    [(version, model)] = json.loads(props["model_snapshot"])["models"][cfg.name].items()
+    assert version == str(cfg.version) and model["marName"] == mar.name
+    assert (model["batchSize"], model["minWorkers"]) == (cfg.serve.batch_size, cfg.serve.workers)
+    manifest = tmp_path / "digits-cnn.inferenceservice.yaml"
+    service = kserve.validate(yaml.safe_load(manifest.read_text()))
+    assert type(service).__name__ == "V1beta1InferenceService" and service.kind == "InferenceService"
+    predictor = service.spec.predictor
+    assert predictor.model.model_format.name == "pytorch" and predictor.model.protocol_version == "v2"
+    assert predictor.model.storage_uri == f"gs://my-bucket/kserve/{cfg.name}/{cfg.version}"
+    assert (predictor.scale_metric, predictor.scale_target) == ("concurrency", deploy.concurrency(cfg.serve))
+    assert predictor.model.resources.limits == {"cpu": str(deploy.cpus(cfg.serve)), "memory": "2Gi"}
+    upload = f"gcloud storage cp --recursive {folder}/config {folder}/model-store gs://my-bucket/kserve/{cfg.name}/"
+    assert f"{upload}{cfg.version}/" in out and f"kubectl apply -f {manifest}" in out
+
+
+def test_kserve_gpu_service_asks_for_a_gpu_where_the_archive_has_a_gpu_file(tmp_path, mar, capsys):
+    from cloud import kserve
+
+    deploy_main(["kserve", "--gpu", "--dry-run", "--archive", str(mar), "--out", str(tmp_path)])
+    spec = yaml.safe_load((tmp_path / "digits-cnn.inferenceservice.yaml").read_text())
+    predictor = spec["spec"]["predictor"]
+    gpu_cfg = load_config(["serve=gpu"])
+    assert predictor["model"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert predictor["scaleTarget"] == deploy.concurrency(gpu_cfg.serve)
+    assert predictor["model"]["storageUri"].startswith("gs://BUCKET/")
+    cpu_only = tmp_path / "cpu_only.mar"
+    with zipfile.ZipFile(cpu_only, "w") as z:  # an archive's listing without model.pt beside the int8 file
+        z.writestr(
+            "MAR-INF/MANIFEST.json", json.dumps({"model": {"modelName": "m", "serializedFile": "model.int8.pt"}})
+        )
+        z.writestr("model.int8.pt", b"")
+    assert not kserve.gpu_ready(cpu_only) and kserve.gpu_ready(mar)
+    with pytest.raises(SystemExit) as exc:
+        deploy_main(["kserve", "--gpu", "--dry-run", "--archive", str(cpu_only), "--out", str(tmp_path)])
+    assert str(exc.value) == "error: cpu_only.mar has no file a GPU runs: rebuild it with archive.gpu_file=true"
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda s: s["spec"]["predictor"].update(scaleTarget="64"), "spec.predictor.scaleTarget: expected int"),
+        (lambda s: s["spec"]["predictor"]["model"].update(storageURI="gs://x"), "has no field 'storageURI'"),
+        (lambda s: s["metadata"].update(labels=["a"]), "metadata.labels: expected a mapping"),
+    ],
+)
+def test_kserve_validation_names_what_is_wrong(default_cfg, change, message):
+    from cloud import kserve
+
+    spec = kserve.inference_service(default_cfg, "gs://b/kserve")
+    kserve.validate(spec)
+    change(spec)
+    with pytest.raises(deploy.DeployError, match=re.escape(message)):
+        kserve.validate(spec)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -497,3 +573,17 @@ def test_gcloud_accepts_every_flag_of_the_gradual_rollout(default_cfg, tmp_path)
         assert run.returncode == 1 and "active account" in run.stderr, (command, run.stderr)
     run = subprocess.run([*commands[1][:-1], "--to-tagz=v1-1=10"], capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 2 and "unrecognized arguments: --to-tagz" in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["kserve"], "error: kserve needs --bucket"),
+        (["kserve", "--dry-run", "--archive", "/no/such.mar"], "error: no archive /no/such.mar"),
+        (["kserve", "--dry-run", "--min-instances", "5"], "error: --min-instances 5 / --max-instances 3"),
+    ],
+)
+def test_kserve_bad_input_is_a_one_line_error(argv, message, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        deploy_main([*argv, "--out", str(tmp_path)])
+    assert str(exc.value).startswith(message) and "\n" not in str(exc.value)
