@@ -64,7 +64,7 @@ COPY requirements-serve.txt docker/finish-venv.sh /tmp/
 RUN /tmp/finish-venv.sh --cuda
 
 # ---- settings: TorchServe's settings of each serving profile (configs/serve/<profile>.yaml), rendered by the
-# archive's own code (docker/settings.py); the entrypoint applies one at start (docker/profile.py).
+# archive's own code (docker/settings.py); the entrypoint applies one at start (docker/pick_profile.py).
 FROM venv AS settings
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
@@ -72,13 +72,13 @@ ARG PIP_FIND_LINKS
 ARG PIP_CERT
 ARG PIP_CONSTRAINT
 COPY requirements.txt /tmp/
-RUN /opt/venv/bin/pip install --constraint /tmp/requirements.txt hydra-core pyyaml
+# at requirements.txt's pins (not as a constraints file: pip refuses one whose lines have extras)
+RUN grep -E '^(hydra-core|pyyaml)==' /tmp/requirements.txt | cut -d' ' -f1 > /tmp/settings-pins.txt \
+    && /opt/venv/bin/pip install -r /tmp/settings-pins.txt
 # What docker/settings.py imports (tests/test_container.py checks the list).
 COPY common /src/common
 COPY configs /src/configs
-COPY experiments /src/experiments
 COPY handlers /src/handlers
-COPY training /src/training
 COPY docker/settings.py /src/docker/
 RUN PYTHONPATH=/src /opt/venv/bin/python /src/docker/settings.py /settings
 
@@ -118,7 +118,7 @@ COPY model_store/${MODEL_NAME}.mar /
 
 # ---- ts: what both serving images hold in /opt/ts: the entrypoint and its files, the profiles, one archive.
 FROM scratch AS ts
-COPY docker/entrypoint.sh docker/profile.py docker/config.properties docker/log4j2.xml metrics.yaml servers/drain.py /opt/ts/
+COPY docker/entrypoint.sh docker/pick_profile.py docker/config.properties docker/log4j2.xml metrics.yaml servers/drain.py /opt/ts/
 COPY --from=settings /settings /opt/ts/serve/
 ARG MODEL_NAME=digits_cnn
 COPY --from=models ${MODEL_NAME}.mar /opt/ts/model-store/

@@ -6,7 +6,7 @@
 # exits when the server does. (Java's own hook alone drops the requests in flight.) `torchserve
 # --start --foreground` is not used: it keeps a Python parent that dies on SIGTERM and orphans Java.
 #
-# Before that, profile.py picks the serving profile (gpu where a GPU is visible, else cpu; SERVE_PROFILE
+# Before that, pick_profile.py picks the serving profile (gpu where a GPU is visible, else cpu; SERVE_PROFILE
 # forces one), unpacks the archive into this run's model store with that profile's TorchServe settings
 # (rendered from configs/serve/ at build time into $TS_DIR/serve/) and says so in one line.
 #
@@ -39,7 +39,7 @@ config="$run_dir/config.properties"
     [ -z "${WORKER_PORT:-}" ] || echo "initial_worker_port=$WORKER_PORT"
     echo "model_store=$run_dir/model-store"
 } > "$config"
-python "$TS_DIR/profile.py" "$MODEL_STORE/$MODEL_NAME.mar" "$run_dir/model-store/$MODEL_NAME" \
+python "$TS_DIR/pick_profile.py" "$MODEL_STORE/$MODEL_NAME.mar" "$run_dir/model-store/$MODEL_NAME" \
     --settings "$TS_DIR/serve" --properties "$config"
 # TorchServe counts the GPUs with nvidia-smi unless CUDA_VISIBLE_DEVICES names them, and uses no more than that:
 # where only the device nodes show them, name them.

@@ -3,18 +3,19 @@
     PYTHONPATH=. python docker/settings.py OUT    # OUT/cpu.yaml, OUT/gpu.yaml, ...
 
 Each file holds the TorchServe keys of the model-config.yaml that `make archive serve=<profile>` would pack
-(training.archive.model_config: workers, batch size, batch delay, response timeout), without the handler's
+(handlers.archive.ModelConfig.from_serve: workers, batch size, batch delay, response timeout), without the handler's
 own section, which stays the archive's. The Dockerfile's `settings` stage runs this at build time;
-docker/profile.py applies one file at container start.
+docker/pick_profile.py applies one file at container start.
 """
 
 import argparse
 from pathlib import Path
 
 import yaml
+from omegaconf import OmegaConf
 
 from common.config import CONFIG_DIR, load_config
-from training.archive import model_config
+from handlers.archive import ModelConfig
 
 
 def profiles() -> list[str]:
@@ -22,7 +23,8 @@ def profiles() -> list[str]:
 
 
 def torchserve_settings(profile: str) -> dict:
-    settings = model_config(load_config([f"serve={profile}"])).to_dict()
+    serve = OmegaConf.to_container(load_config([f"serve={profile}"]).serve, resolve=True)
+    settings = ModelConfig.from_serve(serve).to_dict()
     settings.pop("handler")
     return settings
 

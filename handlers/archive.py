@@ -51,6 +51,12 @@ class ModelConfig:
         handler = values.pop("handler", None) or {}
         return cls(None if workers is None else int(workers), **typed, handler=handler, other=values)
 
+    @classmethod
+    def from_serve(cls, serve: dict) -> "ModelConfig":
+        """From the `serve:` config section (configs/serve/<profile>.yaml) as a plain dict: what the archive packs."""
+        timings = {name: serve[name] for name in KEYS}
+        return cls(workers=serve["workers"], **timings, handler=dict(serve["handler"]))
+
     def to_dict(self) -> dict:
         """model-config.yaml's content, as TorchServe reads it."""
         out = {"minWorkers": self.workers, "maxWorkers": self.workers} if self.workers is not None else {}

@@ -220,7 +220,7 @@ def container_on_host(folder: Path, model_name: str) -> tuple[Path, dict[str, st
     the environment that runs the entrypoint there on free loopback ports: (TS_DIR, environment, ports)."""
     ts_dir = folder / "opt_ts"
     (ts_dir / "model-store").mkdir(parents=True)
-    for src in ("entrypoint.sh", "profile.py", "config.properties", "log4j2.xml"):
+    for src in ("entrypoint.sh", "pick_profile.py", "config.properties", "log4j2.xml"):
         shutil.copy2(ROOT / "docker" / src, ts_dir)
     shutil.copy2(ROOT / "metrics.yaml", ts_dir)
     shutil.copy2(ROOT / "servers" / "drain.py", ts_dir)

@@ -139,7 +139,7 @@ def test_the_image_renders_each_serving_profile_from_configs_serve(tmp_path):
 
 
 def archive_with_config(path: Path, config: dict) -> Path:
-    """A .mar-shaped zip: the manifest and model-config.yaml (what profile.py reads and rewrites)."""
+    """A .mar-shaped zip: the manifest and model-config.yaml (what pick_profile.py reads and rewrites)."""
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("MAR-INF/MANIFEST.json", json.dumps({"model": {"modelName": "m", "modelVersion": "1.0"}}))
         z.writestr("model-config.yaml", yaml.safe_dump(config))
@@ -149,7 +149,7 @@ def archive_with_config(path: Path, config: dict) -> Path:
 
 @pytest.mark.parametrize("profile", ["cpu", "gpu"], ids=["cpu-profile", "gpu-profile"])  # "gpu": a GPU marker
 def test_the_entrypoint_applies_the_profile_it_is_given(tmp_path, profile):
-    """docker/profile.py with SERVE_PROFILE set: the profile's TorchServe keys over the archive's, the handler's
+    """docker/pick_profile.py with SERVE_PROFILE set: the profile's TorchServe keys over the archive's, the handler's
     own section kept, number_of_gpu appended, and one line saying so."""
     settings = rendered_settings(tmp_path)
     handler = {"top_k": 5, "max_pixels": 1000}
@@ -157,7 +157,7 @@ def test_the_entrypoint_applies_the_profile_it_is_given(tmp_path, profile):
     properties = tmp_path / "config.properties"
     properties.write_text("model_store=x\n")
     model_dir = tmp_path / "store" / "m"
-    cmd = [sys.executable, str(DOCKER / "profile.py"), str(mar), str(model_dir)]
+    cmd = [sys.executable, str(DOCKER / "pick_profile.py"), str(mar), str(model_dir)]
     cmd += ["--settings", str(settings), "--properties", str(properties)]
     run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "SERVE_PROFILE": profile})
     assert run.returncode == 0, run.stderr
@@ -174,7 +174,7 @@ def test_the_entrypoint_applies_the_profile_it_is_given(tmp_path, profile):
 
 def test_the_entrypoint_picks_the_profile_by_the_gpus_it_sees(tmp_path):
     """Without SERVE_PROFILE: gpu where a GPU is visible, else cpu (here: whatever this machine has)."""
-    spec = importlib.util.spec_from_file_location("image_profile", DOCKER / "profile.py")  # the image's own script
+    spec = importlib.util.spec_from_file_location("image_profile", DOCKER / "pick_profile.py")  # the image's own script
     picker = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(picker)
     assert (picker.pick("auto", 0), picker.pick("auto", 1), picker.pick("cpu", 2), picker.pick("gpu", 0)) == (
@@ -186,7 +186,7 @@ def test_the_entrypoint_picks_the_profile_by_the_gpus_it_sees(tmp_path):
     gpus, found = picker.visible_gpus()
     mar = archive_with_config(tmp_path / "m.mar", {"handler": {}})
     properties = tmp_path / "config.properties"
-    cmd = [sys.executable, str(DOCKER / "profile.py"), str(mar), str(tmp_path / "m")]
+    cmd = [sys.executable, str(DOCKER / "pick_profile.py"), str(mar), str(tmp_path / "m")]
     cmd += ["--settings", str(rendered_settings(tmp_path)), "--properties", str(properties)]
     env = {k: v for k, v in os.environ.items() if k != "SERVE_PROFILE"}
     run = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -211,7 +211,9 @@ def test_the_gpu_target_shares_the_serving_stage_and_installs_cuda_torch():
     cpu, gpu = by_name["builder"], by_name["builder-gpu"]
     assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in cpu and "ARG GPU_TORCH_INDEX_URL=\n" in gpu
     assert "RUN /tmp/finish-venv.sh\n" in cpu and "RUN /tmp/finish-venv.sh --cuda\n" in gpu
-    assert "docker/profile.py" in by_name["ts"] and "COPY --from=settings /settings /opt/ts/serve/" in by_name["ts"]
+    assert (
+        "docker/pick_profile.py" in by_name["ts"] and "COPY --from=settings /settings /opt/ts/serve/" in by_name["ts"]
+    )
     assert container.TARGETS.keys() <= set(by_name)
     run = subprocess.run(["sh", "-n", str(DOCKER / "finish-venv.sh")], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr

@@ -39,14 +39,7 @@ class ArchiveError(BundleError):
 
 def model_config(cfg: DictConfig) -> ModelConfig:
     """TorchServe's per-model settings; the handler reads its own `handler:` section."""
-    serve = cfg.serve
-    return ModelConfig(
-        workers=serve.workers,
-        batch_size=serve.batch_size,
-        max_batch_delay_ms=serve.max_batch_delay_ms,
-        response_timeout_s=serve.response_timeout_s,
-        handler=OmegaConf.to_container(serve.handler, resolve=True),
-    )
+    return ModelConfig.from_serve(OmegaConf.to_container(cfg.serve, resolve=True))
 
 
 def handler_files() -> list[Path]:

@@ -1,6 +1,6 @@
 """Pick the serving profile at container start and lay the archive out with its TorchServe settings.
 
-    python profile.py MAR MODEL_DIR --settings DIR --properties FILE
+    python pick_profile.py MAR MODEL_DIR --settings DIR --properties FILE
 
 The profile is gpu where a GPU is visible (`nvidia-smi -L` lists one, or /dev/nvidia<N> exists), else cpu;
 SERVE_PROFILE=cpu|gpu forces one. The archive is unpacked into MODEL_DIR (TorchServe serves a model folder as
