@@ -153,9 +153,9 @@ class ImageClassifier:
 
     def served(self) -> dict:
         """What this worker actually runs: the file, its variant, the device and the precision there."""
-        model, decoder = self.model, f"nvjpeg on {self.jpeg_device}" if self.jpeg_device else "pillow on cpu"
+        model = self.model
         found = {"file": self.file, "variant": model.variant, "device": str(model.device), "precision": model.precision}
-        found["decoder"] = decoder
+        found["decoder"] = f"nvjpeg on {self.jpeg_device}" if self.jpeg_device else "pillow on cpu"
         return {**found, "note": self.note} if self.note else found
 
     def drift_summary(self) -> dict:

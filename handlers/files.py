@@ -11,20 +11,20 @@ class Variant:
 
     file: str
     precision: dict  # torch device type -> "fp32" | "bf16" | "int8"
-    about: str
 
     @property
     def devices(self) -> tuple[str, ...]:
         return tuple(self.precision)
 
 
-# training/variants.py builds each; the portable file is the one a worker given a GPU runs (bf16 autocast there).
+# training/variants.py builds each (docs/variants.md says how); the portable file is the one a worker given a GPU
+# runs (bf16 autocast there).
 REGISTRY = {
-    "torchscript": Variant("model.pt", {"cpu": "fp32", "cuda": "bf16"}, "traced TorchScript, no device in the graph"),
-    "torchscript-frozen": Variant("model.frozen.pt", {"cpu": "fp32"}, "frozen + optimized for inference (oneDNN)"),
-    "aoti": Variant("model.aoti.pt2", {"cpu": "fp32"}, "torch.export + AOTInductor, dynamic batch and image size"),
-    "int8": Variant("model.int8.pt", {"cpu": "int8"}, "static int8 backbone (FX, x86 backend) in frozen TorchScript"),
-    "onnx": Variant("model.onnx", {"cpu": "fp32"}, "ONNX, run with ONNX Runtime"),
+    "torchscript": Variant("model.pt", {"cpu": "fp32", "cuda": "bf16"}),  # traced, no device in the graph
+    "torchscript-frozen": Variant("model.frozen.pt", {"cpu": "fp32"}),  # frozen, oneDNN layouts made at load
+    "aoti": Variant("model.aoti.pt2", {"cpu": "fp32"}),  # torch.export + AOTInductor
+    "int8": Variant("model.int8.pt", {"cpu": "int8"}),  # static int8 backbone in frozen TorchScript
+    "onnx": Variant("model.onnx", {"cpu": "fp32"}),  # run with ONNX Runtime
 }
 VARIANTS = {name: variant.file for name, variant in REGISTRY.items()}  # variant name -> its file
 PORTABLE = "torchscript"
