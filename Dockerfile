@@ -12,6 +12,7 @@
 ARG BASE_IMAGE=debian:bookworm-slim
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
+ARG MODEL_NAME=digits_cnn
 
 # ---- python: Debian's python3 (3.11 on bookworm), shared by every stage below.
 FROM ${BASE_IMAGE} AS python
@@ -113,14 +114,14 @@ ENTRYPOINT ["python", "-m", "scripts.vertex_train"]
 # ---- models: the archive baked into the image. A build may replace this stage with a folder
 # holding <MODEL_NAME>.mar: `--build-context models=DIR` (docker buildx, buildah).
 FROM scratch AS models
-ARG MODEL_NAME=digits_cnn
+ARG MODEL_NAME
 COPY model_store/${MODEL_NAME}.mar /
 
 # ---- ts: what both serving images hold in /opt/ts: the entrypoint and its files, the profiles, one archive.
 FROM scratch AS ts
 COPY docker/entrypoint.sh docker/pick_profile.py docker/config.properties docker/log4j2.xml metrics.yaml servers/drain.py /opt/ts/
 COPY --from=settings /settings /opt/ts/serve/
-ARG MODEL_NAME=digits_cnn
+ARG MODEL_NAME
 COPY --from=models ${MODEL_NAME}.mar /opt/ts/model-store/
 
 # ---- serving: what both serving images share: Java 17 headless JRE, python3, the user, the entrypoint.
@@ -130,7 +131,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends openjdk-17-jre-headless \
     && apt-get clean && rm -rf /var/lib/apt/lists/* \
     && useradd --uid 1000 --create-home --shell /usr/sbin/nologin model-server
-ARG MODEL_NAME=digits_cnn
+ARG MODEL_NAME
 ENV PATH=/opt/venv/bin:$PATH \
     MODEL_NAME=${MODEL_NAME} \
     MODEL_STORE=/opt/ts/model-store \

@@ -1,6 +1,6 @@
 """Smoke-check a running serving container over its inference port; exit 1 with the reason if it fails.
 
-    python docker/smoke.py http://127.0.0.1:8080 digits_cnn [--timeout 180]
+    python docker/smoke.py URL MODEL [--timeout 180]     # as cloud/cloudbuild.yaml's smoke step runs it
 
 Waits for /ping, then for a real prediction of a generated image (TorchServe queues requests
 while the worker loads), then expects a 4xx JSON error for a body that is not an image.
@@ -65,8 +65,8 @@ def smoke(base: str, model: str, timeout: float = 180) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("url", help="inference base URL, e.g. http://127.0.0.1:8080")
-    parser.add_argument("model", help="model name, e.g. digits_cnn")
+    parser.add_argument("url", help="the container's inference base URL, http://HOST:PORT")
+    parser.add_argument("model", help="the served model's name")
     parser.add_argument("--timeout", type=float, default=180, help="seconds to wait for the first prediction")
     args = parser.parse_args(argv)
     try:

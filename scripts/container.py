@@ -3,7 +3,7 @@
     python -m scripts.container build                 # <name>:<version> from the Hydra config (CPU torch)
     python -m scripts.container build --gpu           # <name>-gpu:<version>: CUDA torch (several GB of wheels)
     python -m scripts.container build --target train  # the Vertex AI training image
-    python -m scripts.container run                   # serve it on PORT (default 8080) until Ctrl-C
+    python -m scripts.container run                   # serve it on the container's inference port until Ctrl-C
     python -m scripts.container run --gpu             # the GPU image, with the GPUs passed in (docker --gpus all)
     python -m scripts.container tag [--gpu]           # print the image tag
 
@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from cloud.deploy import container_port
 from cloud.image import TARGETS, ContainerError, build, image_size, image_tag
 from common.cli import one_line_errors
 from servers.container import Container
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--no-host-pip", action="store_true", help="do not pass this machine's pip settings to buildah")
     r = sub.add_parser("run", help="run the image's entrypoint on the host network until Ctrl-C")
     r.add_argument("--tag", help="image tag (default <name>[-gpu]:<version>)")
-    r.add_argument("--port", type=int, default=8080, help="PORT, the inference port")
+    r.add_argument("--port", type=int, default=container_port(), help="PORT, the inference port (default: %(default)s)")
     t = sub.add_parser("tag", help="print the image tag")
     for p in (b, r, t):
         p.add_argument("--gpu", action="store_true", help="the GPU image (target gpu); run: pass the GPUs in")

@@ -10,7 +10,7 @@ have not moved for `quiet` seconds; then pass SIGTERM on to the Java frontend.
 child and drains on SIGTERM before forwarding it. Standard library only: the image runs this file
 without the bundle's code.
 
-    python drain.py [--metrics URL] [--quiet S] [--timeout S] -- java ... org.pytorch.serve.ModelServer ...
+    python drain.py --metrics URL [--quiet S] [--timeout S] -- java ... org.pytorch.serve.ModelServer ...
 """
 
 import argparse
@@ -98,7 +98,7 @@ def supervise(cmd: list[str], metrics_url: str, quiet: float, timeout: float) ->
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--metrics", default="http://127.0.0.1:8082/metrics", help="TorchServe's metrics URL")
+    parser.add_argument("--metrics", required=True, help="TorchServe's metrics URL (http://HOST:PORT/metrics)")
     parser.add_argument("--quiet", type=float, default=QUIET_S, help="seconds without traffic that count as idle")
     parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="longest drain, seconds")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- the server's command line")

@@ -101,18 +101,12 @@ def test_service_yaml_agrees_with_the_config(default_cfg, default_subs):
     server = template["spec"]["containers"][0]
     port = deploy.container_port()
     assert server["image"].endswith(f"/{default_cfg.name}:{default_cfg.version}")
-    assert server["ports"][0]["containerPort"] == port == 8080
+    assert server["ports"][0]["containerPort"] == port
     assert server["resources"]["limits"] == {"cpu": default_subs["_CPU"], "memory": default_subs["_MEMORY"]}
     for probe in ("startupProbe", "livenessProbe"):
         assert server[probe]["httpGet"] == {"path": "/ping", "port": port}, probe
     collector = template["spec"]["containers"][1]
     assert collector["volumeMounts"][0]["mountPath"] == "/etc/rungmp"
-
-
-def test_the_metrics_sidecar_scrapes_torchserve_metrics_port():
-    endpoint = yaml.safe_load((CLOUD / "runmonitoring.yaml").read_text())["spec"]["endpoints"][0]
-    metrics = read_properties(ROOT / "docker" / "config.properties")["metrics_address"]
-    assert metrics.endswith(f":{endpoint['port']}") and endpoint["path"] == "/metrics"
 
 
 def test_concurrency_and_cpus_follow_the_serve_section(default_cfg):
@@ -134,7 +128,7 @@ def test_dry_run_prints_every_gcloud_command(capsys, default_cfg):
         ["gcloud", "run", "services"],
     ]
     assert "--config=cloud/cloudbuild.yaml" in lines[2] and "_REGION=us-central1" in lines[2]
-    assert f"_CONCURRENCY={concurrency}" in lines[2] and "_MODEL_NAME=digits_cnn" in lines[2]
+    assert f"_CONCURRENCY={concurrency}" in lines[2] and f"_MODEL_NAME={default_cfg.name}" in lines[2]
 
     deploy_main(["serve", "--project", "my-proj", "--skip-build", "--dry-run", "model=resnet18"])
     out = capsys.readouterr().out

@@ -45,8 +45,7 @@ def test_serving_pins_agree_with_requirements_txt():
     assert not {"kornia", "lightning", "torchvision", "hydra-core"} & set(serve)
 
 
-def test_dockerfile_defaults_match_the_config(cfg, capsys):
-    assert container.dockerfile_arg("MODEL_NAME") == cfg.name
+def test_image_tags_follow_the_config_and_only_inference_listens_outside(cfg, capsys):
     container_main(["tag"])
     assert capsys.readouterr().out.strip() == f"{cfg.name}:{cfg.version}"
     container_main(["tag", "--gpu"])
