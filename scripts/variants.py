@@ -7,7 +7,7 @@
 Variants (training/variants.py): torchscript, torchscript-frozen, aoti, int8, onnx. Each is checked against the
 eager model before it is written to paths.artifacts; one that fails its check is listed as refused, with why.
 The table, variants.json and a plot go to reports/variants/<name>/. `export.variant` in configs/config.yaml
-picks the one the archive ships (README: Model variants).
+picks the one the archive ships (docs/variants.md).
 """
 
 import argparse

@@ -24,7 +24,7 @@ from training.train import CHECKPOINT
 
 EPOCHS = 5  # fewer leave a check one test digit from failing: int8 vs eager at 4, DDP vs one process at 3
 # BUNDLE_STRICT_SKIPS=1 (.ci/run sets it) turns every skip into a failure, except these reasons,
-# which README "Tests and quality" lists: CI must not pass by skipping what it is meant to run.
+# which docs/development.md "Tests and CI" lists: CI must not pass by skipping what it is meant to run.
 ALLOWED_SKIPS = ("needs a CUDA GPU",)
 
 

@@ -57,7 +57,7 @@ def test_every_make_target_shown_exists():
 
 
 # The commands that are Hydra apps, not in scripts/ (every module in scripts/ is an entry point too).
-HYDRA_COMMANDS = ["training.data", "training.train", "training.export", "monitoring.robustness"]
+HYDRA_COMMANDS = ["training.data", "training.train", "training.export", "training.memory", "monitoring.robustness"]
 
 
 @pytest.mark.slow  # a new Python per command, importing it: seconds apiece

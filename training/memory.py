@@ -6,10 +6,13 @@ Python, torch and the libraries.
 """
 
 import json
-import sys
 from pathlib import Path
 
+import hydra
+from omegaconf import DictConfig
+
 from common.cli import BundleError, one_line_errors
+from training.data import make_dataset
 
 STATUS = Path("/proc/self/status")
 
@@ -29,15 +32,12 @@ def measure(fn, *args) -> tuple[object, float]:
     return result, (rss_kib("VmHWM") - before) / 1024
 
 
-def main(argv: list[str]) -> None:
-    from common.config import load_config
-    from training.data import make_dataset
-
+@hydra.main(config_path="../configs", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
     with one_line_errors():
-        cfg = load_config(argv)
         out, peak = measure(make_dataset, cfg)
     print(json.dumps({"data": str(out), "format": cfg.data.format, "peak_added_mib": round(peak, 1)}))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
