@@ -25,14 +25,16 @@ from common.io import write_json, write_text
 from handlers.archive import mar_file, unpack
 from handlers.classifier import ImageClassifier
 from loadtest.locust_process import run_locust
+from servers.drain import counters
 from servers.fastapi import load_classifier
 from servers.torchserve import TorchServe
-from training.data import load_split
+from training.splits import read_split
 
 log = logging.getLogger(__name__)
 
 STAGES = ("decode", "predict", "track", "answer", "encode")  # ImageClassifier.run's steps, in order
 WORKER = "model_service_worker"  # TorchServe's Python worker process
+ARRIVED = "ts_inference_requests_total"  # TorchServe's counter of prediction requests
 
 
 class ProfileError(BundleError):
@@ -41,8 +43,8 @@ class ProfileError(BundleError):
 
 def payloads(data_dir: Path | str) -> list[bytes]:
     """The test split as PNG bodies: what clients send."""
-    images, _ = load_split(data_dir, "test")
-    return [encode(image) for image in images.numpy()]
+    images, _ = read_split(data_dir, "test")
+    return [encode(image) for image in images]
 
 
 def labelled(classifier: ImageClassifier) -> None:
@@ -108,6 +110,19 @@ def worker_pid(server_pid: int, timeout: float = 30) -> int:
     raise ProfileError(f"no TorchServe worker ({WORKER}) under pid {server_pid}")
 
 
+def wait_for_load(metrics_url: str, load: dict, timeout: float = 60) -> None:
+    """Block until Locust's requests reach the server, then one second more: it spawns all its users within a
+    second (spawn rate = users). `load` is the load's result so far: an "error" there ends the wait."""
+    deadline = time.monotonic() + timeout
+    while not (counters(metrics_url, (ARRIVED,)) or {}).get(ARRIVED):
+        if "error" in load:
+            raise ProfileError(f"Locust stopped before any request reached the server: {load['error']}")
+        if time.monotonic() > deadline:
+            raise ProfileError(f"no request from Locust reached the server within {timeout:.0f} s")
+        time.sleep(0.2)
+    time.sleep(1)
+
+
 def py_spy(pid: int, seconds: float, output: Path, fmt: str) -> Path:
     exe = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if not exe:
@@ -160,7 +175,7 @@ def live(mar: Path, cfg: DictConfig, out: Path, seconds: float, users: int) -> d
 
         thread = threading.Thread(target=load)
         thread.start()
-        time.sleep(8)  # Locust starts and spawns its users
+        wait_for_load(f"{server.url('metrics')}/metrics", result)
         svg = py_spy(pid, seconds, out / "worker_flame.svg", "flamegraph")
         raw = py_spy(pid, seconds, out / "worker_stacks.txt", "raw")
         thread.join()

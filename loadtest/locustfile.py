@@ -3,9 +3,9 @@
     locust -f loadtest/locustfile.py --host http://127.0.0.1:8080                  # web UI on :8089
     locust -f loadtest/locustfile.py --host http://127.0.0.1:8080 --headless -u 16 -r 16 -t 30s
 
-Run it from the repository root (Locust puts the working directory on sys.path: `loadtest`, `common`).
+Run it from the repository root (Locust puts the working directory on sys.path: `loadtest`, `common`, `training`).
 
-Each request is one test-set image (data/processed/<data>/test.npz, PNG-encoded in memory), sent
+Each request is one image of the dataset's test split (npz or shards: training/splits.py), PNG-encoded in memory, sent
 as raw bytes, a multipart field `data`, JSON {"data": b64} or {"instances": [{"b64": ...}]}
 (weights: --mix). A share of requests (--malformed-share) is malformed on purpose; those count as
 successes when the server answers 4xx and as failures otherwise. Every other answer must be 200
@@ -30,7 +30,6 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 from locust import FastHttpUser, events, task
 
 from common.config import load_config
@@ -38,6 +37,7 @@ from common.images import encode
 from common.io import write_json
 from loadtest.checks import check_answer, parse_mix, read_token
 from loadtest.summary import MALFORMED_PREFIX, summarize
+from training.splits import DataError, read_meta, read_split
 
 DEFAULTS = load_config(config_name="loadtest").loadtest
 MALFORMED = ("empty", "not_an_image", "truncated", "bad_base64", "wrong_json", "bad_token")
@@ -67,13 +67,11 @@ class Scenario:
     """What every user shares: the encoded images, the known classes, the token, the request mix."""
 
     def __init__(self, options) -> None:
-        data = Path(options.data)
-        for name in ("test.npz", "meta.json"):
-            if not (data / name).is_file():
-                raise SystemExit(f"error: {data / name} not found: run `make pipeline` or pass --data")
-        with np.load(data / "test.npz") as f:
-            self.images = [encode(image) for image in f["images"]]
-        self.classes = set(json.loads((data / "meta.json").read_text())["classes"])
+        try:
+            self.classes = set(read_meta(options.data)["classes"])
+            self.images = [encode(image) for image in read_split(options.data, "test")[0]]
+        except DataError as err:
+            raise SystemExit(f"error: {err}, or pass --data") from None
         self.model = options.model
         self.path = f"/predictions/{options.model}"
         self.token = options.token or read_token(Path(options.key_file))

@@ -13,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from common.config import ROOT, load_config
-from experiments.profile import core, py_spy, top_frames
+from experiments.profile import core, live, py_spy, top_frames
 from experiments.tune import open_study, tune
 from handlers import files
 from handlers.archive import read_lineage, unpack
@@ -285,3 +285,11 @@ def test_py_spy_samples_a_live_python_process(tmp_path):
     frames = top_frames(stacks)
     assert frames["samples"] > 0
     assert any("spin" in row["frame"] for row in frames["total"])
+
+
+def test_the_live_profile_samples_the_worker_under_load(cfg, mar, tmp_path):
+    """live(): its own TorchServe, Locust's users waited for on the server's request counter, then py-spy on the
+    worker, which records busy samples only: none means it sampled before the load came."""
+    worker = live(mar, cfg, tmp_path, seconds=2, users=2)
+    assert worker["samples"] > 0 and worker["rps"] > 0
+    assert (tmp_path / "worker_flame.svg").stat().st_size > 0

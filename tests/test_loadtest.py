@@ -6,10 +6,12 @@ import json
 
 import pytest
 
+from common.config import load_config
 from loadtest.checks import check_answer, parse_mix
 from loadtest.locust_process import run_locust
 from loadtest.summary import check_slo, summarize
 from scripts.loadtest import main
+from training.data import make_dataset
 
 CLASSES = {str(i) for i in range(10)}
 SLO = {"max_failures": 0, "p95_ms": 50, "p99_ms": 100, "min_rps": 10}
@@ -91,11 +93,18 @@ def test_parse_mix():
 # ------------------------------------------------------------------ real Locust against a real TorchServe
 
 
-def test_locust_scenarios_against_torchserve(server, cfg, tmp_path):
-    """Every request form is answered and passes the checks; every malformed request gets a 4xx."""
-    summary = run_locust(
-        server.url("inference"), 6, 6, 5, tmp_path, server.key() or "", options(cfg), reset_stats=False
-    )
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """The digits as WebDataset shards: the Locust users read a split as training does, whatever its form."""
+    out = tmp_path_factory.mktemp("shards") / "digits"
+    return make_dataset(load_config([f"paths.data={out}", "data.format=shards"]))
+
+
+def test_locust_scenarios_against_torchserve(server, cfg, sharded, tmp_path):
+    """Every request form is answered and passes the checks; every malformed request gets a 4xx. The images come
+    from the sharded dataset (the other runs read the session's npz)."""
+    opts = options(cfg, data=sharded)
+    summary = run_locust(server.url("inference"), 6, 6, 5, tmp_path, server.key() or "", opts, reset_stats=False)
     good, bad = summary["wellformed"], summary["malformed"]
     assert good["count"] > 0 and good["failures"] == 0, summary["errors"]
     for form in ("raw", "multipart", "json", "instances"):

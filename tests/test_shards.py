@@ -1,5 +1,7 @@
 """The sharded canonical form (training/shards.py): written and read streaming, same pixels as the in-memory form."""
 
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from common.config import load_config
+from common.config import ROOT, load_config
 from training import shards
 from training.data import DataError, ImageDataModule, load_split, make_dataset, read_meta
 from training.memory import measure
@@ -41,6 +43,18 @@ def test_shards_hold_the_same_pixels_and_labels_as_the_in_memory_form(digits_bot
         assert not torch.equal(ys, y)  # written in a seeded shuffled order (classes mixed in every shard)
     first, labels = load_split(sharded, "test", limit=7)
     assert first.shape == (7, 1, 8, 8) and torch.equal(first, load_split(sharded, "test")[0][:7])
+
+
+def test_the_in_memory_form_is_read_without_torch(digits_both):
+    """training/splits.py is how light clients (the Locust users) read a split: numpy, no torch or Lightning to
+    import first. The sharded form imports torch when it is met."""
+    npz, sharded = digits_both
+    read = "import sys; from training.splits import read_split; x, y = read_split(sys.argv[1], 'test'); "
+    read += "print(type(x).__name__, *x.shape, len(y), 'torch' in sys.modules)"
+    for data, imports_torch in ((npz, False), (sharded, True)):
+        run = subprocess.run([sys.executable, "-c", read, str(data)], cwd=ROOT, capture_output=True, text=True)
+        x, y = load_split(data, "test")
+        assert run.stdout.split() == ["ndarray", *map(str, x.shape), str(len(y)), str(imports_torch)], run.stderr
 
 
 def test_streaming_statistics_equal_the_in_memory_ones(digits_both):

@@ -8,7 +8,8 @@ Canonical form, in `paths.data`, one of two formats (`data.format`):
   meta.json                      the one description: format, classes, channels, image_size, mean/std of
                                  the train split, counts, shard names
 
-Run `python -m training.data` (Hydra overrides: `data=folder data.root=...`).
+Run `python -m training.data` (Hydra overrides: `data=folder data.root=...`). Reading it back without torch:
+training/splits.py; `load_split` is that as tensors.
 """
 
 import json
@@ -25,21 +26,18 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm import tqdm
 
-from common.cli import BundleError, one_line_errors
+from common.cli import one_line_errors
 from common.images import to_pil
 from common.io import atomic_dir
 from handlers.decode import InputError, decode_image, suffixes
 from training import shards
 from training.preprocess import canonical
+from training.splits import DataError, read_meta, read_split
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 TORCHVISION = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
-
-
-class DataError(BundleError):
-    """The input data cannot be turned into a dataset; the message says why."""
 
 
 def load_digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -230,26 +228,10 @@ def make_dataset(cfg: DictConfig) -> Path:
     return out
 
 
-def read_meta(data_dir: Path | str) -> dict:
-    """meta.json of a dataset in a folder, or in a bucket (gs://...: read through fsspec/gcsfs)."""
-    if str(data_dir).startswith("gs://"):
-        import fsspec
-
-        with fsspec.open(f"{str(data_dir).rstrip('/')}/meta.json", "rt") as f:
-            return json.load(f)
-    path = Path(data_dir) / "meta.json"
-    if not path.is_file():
-        raise DataError(f"no dataset at {data_dir}: run `python -m training.data` (or `dvc repro data`)")
-    return json.loads(path.read_text())
-
-
 def load_split(data_dir: Path | str, split: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One split (or its first `limit` samples) as (uint8 images [N, C, H, W], int64 labels [N]), in memory."""
-    meta = read_meta(data_dir)
-    if meta.get("format") == "shards":
-        return shards.read_all(str(data_dir), meta["shards"][split], limit)
-    with np.load(Path(data_dir) / f"{split}.npz") as f:
-        return torch.from_numpy(f["images"][:limit]), torch.from_numpy(f["labels"][:limit])
+    """One split (or its first `limit` samples) as tensors (training/splits.py's arrays, not copied)."""
+    images, labels = read_split(data_dir, split, limit)
+    return torch.from_numpy(images), torch.from_numpy(labels)
 
 
 class ImageDataModule(L.LightningDataModule):

@@ -123,12 +123,12 @@ def stream(
     return ds.map(decode)
 
 
-def read_all(data_dir: str, shards: list[str], limit: int | None = None) -> tuple[Tensor, Tensor]:
+def read_all(data_dir: str, shards: list[str], limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A whole split (or its first `limit` samples) in memory: for evaluation tools, not for training."""
     images, labels = [], []
     for image, label in stream(data_dir, shards, count=0):
         if limit is not None and len(labels) >= limit:
             break
-        images.append(image)
+        images.append(image.numpy())
         labels.append(label)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+    return np.stack(images), np.array(labels, dtype=np.int64)
