@@ -3,7 +3,7 @@
 import statistics
 from pathlib import Path
 
-from bench.servers import FASTAPI, PEERS, STOCK, TUNED, TUNED_BATCH_1
+from bench.servers import FASTAPI, PEERS, PLAIN, STOCK, TUNED, TUNED_BATCH_1
 from common.io import atomic_path
 
 RUN_KEYS = ("rps", "p50_ms", "p90_ms", "p99_ms", "cpu_ms", "worker_cpu_ms", "client_cpu")
@@ -190,11 +190,15 @@ def header(meta: dict) -> list[str]:
         "**Servers:** *in-process* = the serving core (handlers/classifier.py, as the archive packs it: decode, "
         "TorchScript forward with preprocessing, top-k, JSON) in one Python process, no HTTP, one call per batch; "
         f"*stock* = TorchServe defaults ({meta['stock']}); *tuned* = what ships (`config.properties` + `serve:`: "
-        f"{meta['tuned']}); *tuned, batch 1* = the same with batchSize 1; *FastAPI* = a plain FastAPI app "
+        f"{meta['tuned']}); *tuned, batch 1* = the same with batchSize 1; *FastAPI* = a FastAPI app "
         f"(servers/fastapi.py) over the same serving core under uvicorn, one worker process per core "
-        f"({meta['cores']}), one request per forward pass; *LitServe* = LitServe (servers/litserve.py) over the same "
-        "serving core, batching as the archive says (batchSize and maxBatchDelay as *tuned*), one inference worker "
-        "process per core behind as many uvicorn processes.",
+        f"({meta['cores']}), one request per forward pass; *{PLAIN}* = what a user might write instead "
+        "(servers/plain.py): FastAPI under uvicorn, one worker process per core and one torch thread each, Pillow "
+        "decoding the body, the archive's own model file (torch.jit.load), one forward pass per request, the top-k "
+        "classes as JSON, and none of the serving core's work (no input checks beyond Pillow's, no drift tracking, "
+        "no token); *LitServe* = LitServe (servers/litserve.py) over the same serving core, batching as the archive "
+        "says (batchSize and maxBatchDelay as *tuned*), one inference worker process per core behind as many uvicorn "
+        "processes.",
         "",
     ]
 
@@ -204,6 +208,7 @@ def model_section(results: dict, model: str, servers: list[str]) -> list[str]:
     lines = [f"## {model}", "", *inprocess_table(inproc)]
     lines += closed_table(medians, inproc, servers)
     lines += cpu_table(medians, servers)
+    lines += core_cost(medians, results["meta"]["goals"]["connections"])
     lines += open_table(open_medians(results, model), servers)
     lines += floor_table(medians, inproc, results["meta"].get("delay_ms", "?"))
     lines += locust_table(results, model, results["meta"]["cores"])
@@ -260,6 +265,21 @@ def cpu_table(medians: dict, servers: list[str]) -> list[str]:
     return lines
 
 
+def core_cost(medians: dict, conns: int) -> list[str]:
+    """What the serving core's work costs per request beyond the plain app's: the two FastAPI apps' server CPU
+    per request at `conns` connections, subtracted; [] where either was not measured there."""
+    core, plain = medians.get((FASTAPI, conns)), medians.get((PLAIN, conns))
+    if not core or not plain:
+        return []
+    extra = core["cpu_ms"] - plain["cpu_ms"]
+    return [
+        "",
+        f"What the serving core's work costs (input checks, drift tracking, the token, its JSON) beyond the plain "
+        f"app's at {conns} connections: *{FASTAPI}* {core['cpu_ms']:.2f} − *{PLAIN}* {plain['cpu_ms']:.2f} = "
+        f"**{extra:.2f} server CPU ms per request**.",
+    ]
+
+
 def open_table(opened: dict[tuple[str, float], dict], servers: list[str]) -> list[str]:
     if not opened:
         return []
@@ -277,7 +297,7 @@ def ready_table(results: dict, model: str) -> list[str]:
             ready.setdefault(row["server"], []).append(row["s"])
     if not ready:
         return []
-    lines = ["", "Time from start to every worker READY (FastAPI, LitServe: to answering /ping), seconds:", ""]
+    lines = ["", "Time from start to every worker READY (the peers: to answering /ping), seconds:", ""]
     lines += ["| server | median | min | max | starts |", "| --- | ---: | ---: | ---: | ---: |"]
     for s, v in ready.items():
         lines.append(f"| {s} | {statistics.median(v):.1f} | {min(v):.1f} | {max(v):.1f} | {len(v)} |")
@@ -290,14 +310,16 @@ def goals(results: dict, models: list[str], heavy: str | None) -> list[str]:
     conns = target["connections"]
     first = models[0] if models else None
     medians = median_rows(results, first) if first else {}
-    tuned, stock, fast = (medians.get((s, conns)) for s in (TUNED, STOCK, FASTAPI))
+    tuned = medians.get((TUNED, conns))
     rows = ["## Goals", "", "| goal | measured | |", "| --- | --- | --- |"]
 
     def ratio(a: dict | None, b: dict | None) -> float | None:
         return a["rps"] / b["rps"] if a and b and b["rps"] else None
 
-    for name, other, times in ((STOCK, stock, target["tuned_vs_stock"]), (FASTAPI, fast, target["tuned_vs_fastapi"])):
-        if (r := ratio(tuned, other)) is not None:
+    against = {STOCK: "tuned_vs_stock", FASTAPI: "tuned_vs_fastapi", PLAIN: "tuned_vs_plain"}
+    for name, key in against.items():  # a goal older results.json files lack is left out
+        other, times = medians.get((name, conns)), target.get(key)
+        if times is not None and (r := ratio(tuned, other)) is not None:
             rows.append(
                 f"| tuned ≥ {times}× {name} at {conns} connections ({first}) | {tuned['rps']:.0f} vs "
                 f"{other['rps']:.0f} req/s: {r:.2f}× | {goal(r >= times)} |"

@@ -1,5 +1,6 @@
 """The servers the benchmark compares, and starting one: TorchServe with an archive variant and a
-config.properties, or a peer over the same serving core (FastAPI, LitServe with batching)."""
+config.properties, a peer over the same serving core (FastAPI, LitServe with batching), or the plain FastAPI app
+a user might write instead (servers/plain.py)."""
 
 import os
 import shutil
@@ -14,6 +15,7 @@ from handlers.archive import ModelConfig
 from servers.fastapi import FastAPIPeer
 from servers.litserve import LitServePeer
 from servers.peer import Peer
+from servers.plain import PlainPeer
 from servers.process import Process, ServerError
 from servers.torchserve import CONFIG_PROPERTIES, TorchServe, read_properties
 
@@ -23,10 +25,10 @@ PERFORMANCE_PROPERTIES = (
     "number_of_netty_threads", "netty_client_threads", "vmargs",
 )  # fmt: skip
 # the servers' labels, in the report and results.json: TorchServe's defaults, what ships, what ships with batch
-# size 1, and the peers over the same serving core
+# size 1, the peers over the same serving core, and the plain app without it (its own decoding, no checks, no drift)
 STOCK, TUNED, TUNED_BATCH_1 = "stock", "tuned", "tuned, batch 1"
-FASTAPI, LITSERVE = "FastAPI", "LitServe"
-PEERS = {FASTAPI: FastAPIPeer, LITSERVE: LitServePeer}
+FASTAPI, LITSERVE, PLAIN = "FastAPI", "LitServe", "FastAPI, plain"
+PEERS = {FASTAPI: FastAPIPeer, PLAIN: PlainPeer, LITSERVE: LitServePeer}
 
 
 @dataclass

@@ -9,13 +9,15 @@ For each model, from the same archive: the in-process limit (serving core: decod
 forward, answer JSON; no HTTP) at batch sizes 1/8/32; TorchServe with stock settings (its defaults:
 one worker per core, batch size 1, torch's default threads, default logging and metrics; only the
 loopback addresses and the model store set); TorchServe as shipped (config.properties + `serve:`);
-the shipped settings with batch size 1; a plain FastAPI app over the same serving core, one uvicorn
-worker per core (servers/fastapi.py); LitServe over the same serving core, batching as the archive
-says, one inference worker per core (servers/litserve.py). Load: `wrk` (Debian's, installed through
-common/apt.py when missing), identical for every server: raw PNG test-set images on keep-alive
-connections, closed loop at each connection count, then paced (open loop) at fixed arrival rates;
-wrk's own CPU share is reported. Each point is the median over the repeats, which run interleaved
-(repeat 1 of every server, then repeat 2, ...). The models: the default config's
+the shipped settings with batch size 1; a FastAPI app over the same serving core, one uvicorn
+worker per core (servers/fastapi.py); the plain FastAPI app a user might write instead, without the
+serving core (Pillow, the archive's model file, top-k; servers/plain.py), one uvicorn worker per core;
+LitServe over the same serving core, batching as the archive says, one inference worker per core
+(servers/litserve.py). Load: `wrk` (Debian's, installed through common/apt.py when missing),
+identical for every server: raw PNG test-set images on keep-alive connections, closed loop at each
+connection count, then paced (open loop) at fixed arrival rates; wrk's own CPU share is reported.
+Each point is the median over the repeats, which run interleaved (repeat 1 of every server, then
+repeat 2, ...). The models: the default config's
 model_store/<name>.mar (`make pipeline`) and ResNet-18 (bench.heavy in configs/loadtest.yaml;
 trained once for one epoch into logs/bench/, its archive rebuilt from the current handlers and
 `serve:` section on every run). The report's goals are bench.goals in configs/loadtest.yaml; README
@@ -35,7 +37,7 @@ import torch
 from bench import gpu
 from bench.models import log
 from bench.run import MODELS, benchmark
-from bench.servers import FASTAPI, LITSERVE
+from bench.servers import FASTAPI, LITSERVE, PLAIN
 from common.cli import one_line_errors
 from common.config import load_config
 
@@ -50,13 +52,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--connections", nargs="+", type=int, help="wrk connection counts (default bench.connections)")
     parser.add_argument("--repeats", type=int, help="measurements per point (default bench.repeats)")
     parser.add_argument("--no-fastapi", action="store_true", help="leave out the FastAPI comparison")
+    parser.add_argument("--no-plain", action="store_true", help="leave out the plain FastAPI app (servers/plain.py)")
     parser.add_argument("--no-litserve", action="store_true", help="leave out the LitServe comparison")
     parser.add_argument("--no-locust", action="store_true", help="leave out Locust beside wrk (tuned TorchServe)")
     parser.add_argument("--retrain", action="store_true", help="train the heavy model again")
     parser.add_argument("--out", help="report directory (default bench.out)")
     parser.add_argument("--gpu", action="store_true", help="only the GPU section (needs a CUDA device): gpu.md")
     args = parser.parse_args(argv)
-    peers = tuple(name for name, off in ((FASTAPI, args.no_fastapi), (LITSERVE, args.no_litserve)) if not off)
+    left_out = {FASTAPI: args.no_fastapi, PLAIN: args.no_plain, LITSERVE: args.no_litserve}
+    peers = tuple(name for name, off in left_out.items() if not off)
     with one_line_errors():
         cfg = load_config(args.overrides, config_name="loadtest")
         out, workdir = Path(args.out or cfg.bench.out), Path(cfg.bench.workdir) / gpu.NAME

@@ -1,4 +1,4 @@
-"""A plain FastAPI app over the serving core (handlers.classifier): the benchmark's peer, one uvicorn process
+"""A FastAPI app over the serving core (handlers.classifier): the benchmark's peer, one uvicorn process
 per core there (`workers`).
 
 It answers POST /predictions/<model> like TorchServe does (same classifier, same JSON, a bearer token,
@@ -80,8 +80,9 @@ class FastAPIPeer(Peer):
 
     name = "the FastAPI app"
     log_name = "uvicorn.log"
+    factory = f"{__name__}:app"  # what uvicorn --factory calls in each worker process
 
     def command(self, workers: int) -> list[str]:
-        cmd = [sys.executable, "-m", "uvicorn", f"{__name__}:app", "--factory", "--host", "127.0.0.1"]
+        cmd = [sys.executable, "-m", "uvicorn", self.factory, "--factory", "--host", "127.0.0.1"]
         cmd += ["--workers", str(workers)] if workers > 1 else []
         return [*cmd, "--port", str(self.port)]

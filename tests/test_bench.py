@@ -9,9 +9,9 @@ from omegaconf import OmegaConf
 from bench import wrk
 from bench.measure import measure
 from bench.models import Model
-from bench.report import report
+from bench.report import closed_table, core_cost, goals, median_rows, report
 from bench.run import Plan
-from bench.servers import Server
+from bench.servers import FASTAPI, PLAIN, TUNED, Server
 from common.config import load_config
 from servers.torchserve import CONFIG_PROPERTIES
 
@@ -83,6 +83,33 @@ def test_bench_plan_takes_locust_counts_from_the_config_unless_left_out():
     assert Plan.of(bench, True, None, None, False).locust_connections == list(bench.quick.locust_connections)
     assert Plan.of(bench, False, None, None, False, with_locust=False).locust_connections == []
     assert Plan.of(bench, False, None, None, True).locust_connections == []  # --sweep: candidates only
+
+
+def test_the_report_sets_tuned_against_the_plain_peer_and_prices_the_serving_core():
+    """The plain peer's column and goal, and the serving core's cost: the same-work FastAPI peer's server CPU per
+    request minus the plain one's, at the goals' connection count (made-up medians)."""
+    target = OmegaConf.to_container(load_config(config_name="loadtest").bench.goals, resolve=True)
+    conns = target["connections"]
+
+    def run(server: str, rps: float, cpu_ms: float) -> dict:
+        timing = {"p50_ms": 1.0, "p90_ms": 2.0, "p99_ms": 3.0, "client_cpu": 0.5, "failures": 0}
+        return {"model": "m", "server": server, "connections": conns, "rps": rps, "cpu_ms": cpu_ms, **timing}
+
+    runs = [run(TUNED, 1400, 1.0), run(FASTAPI, 500, 3.5), run(PLAIN, 1000, 2.25)]
+    results = {"runs": [{**r, "worker_cpu_ms": r["cpu_ms"]} for r in runs], "inprocess": [], "meta": {"goals": target}}
+    medians = median_rows(results, "m")
+    table = closed_table(medians, {}, [TUNED, FASTAPI, PLAIN])
+    assert f"| {TUNED}/{FASTAPI} | {TUNED}/{PLAIN} |" in table[2] and table[-1].endswith("| 2.80× | 1.40× |  |")
+    assert core_cost(medians, conns)[-1].endswith(
+        f"{conns} connections: *{FASTAPI}* 3.50 − *{PLAIN}* 2.25 = **1.25 server CPU ms per request**."
+    )
+    row = (
+        f"| tuned ≥ {target['tuned_vs_plain']}× {PLAIN} at {conns} connections (m) | 1400 vs 1000 req/s: 1.40× | met |"
+    )
+    assert row in goals(results, ["m"], None)
+    del target["tuned_vs_plain"]  # a results.json from before the plain peer: no such goal, no row
+    assert not [line for line in goals(results, ["m"], None) if PLAIN in line]
+    assert core_cost(median_rows({"runs": results["runs"][:2]}, "m"), conns) == []  # --no-plain
 
 
 def test_the_fastapi_peer_sets_tcp_nodelay_on_sockets_uvicorn_workers_bind(monkeypatch):
