@@ -3,7 +3,7 @@
 import statistics
 from pathlib import Path
 
-from bench.servers import FASTAPI, PEERS, PLAIN, STOCK, TUNED, TUNED_BATCH_1
+from bench.servers import FASTAPI, PEERS, PLAIN, STOCK, TUNED, TUNED_BATCH_1, TUNED_ONE_WORKER
 from common.io import atomic_path
 
 RUN_KEYS = ("rps", "p50_ms", "p90_ms", "p99_ms", "cpu_ms", "worker_cpu_ms", "client_cpu")
@@ -142,6 +142,10 @@ def floor_table(medians: dict[tuple[str, int], dict], inproc: dict[int, dict], d
         ("... of that, the serving core alone (in-process, batch 1, p50 per call)", core["p50_ms"] if core else None),
         ("the Java frontend's CPU per request, all its threads", one["cpu_ms"] - one["worker_cpu_ms"]),
     ]
+    if (single := medians.get((TUNED_BATCH_1, 1))) and single["rps"]:
+        rows.append(
+            ("the same server with batch size 1, which waits for no batch: its whole round trip", 1e3 / single["rps"])
+        )
     if fast and fast["rps"]:
         rows.append(("FastAPI's whole round trip at 1 connection, for comparison (mean)", 1e3 / fast["rps"]))
     lines = [
@@ -190,7 +194,8 @@ def header(meta: dict) -> list[str]:
         "**Servers:** *in-process* = the serving core (handlers/classifier.py, as the archive packs it: decode, "
         "TorchScript forward with preprocessing, top-k, JSON) in one Python process, no HTTP, one call per batch; "
         f"*stock* = TorchServe defaults ({meta['stock']}); *tuned* = what ships (`config.properties` + `serve:`: "
-        f"{meta['tuned']}); *tuned, batch 1* = the same with batchSize 1; *FastAPI* = a FastAPI app "
+        f"{meta['tuned']}); *{TUNED_BATCH_1}* = the same with batchSize 1; *{TUNED_ONE_WORKER}* = the same with "
+        "one worker (where more ship); *FastAPI* = a FastAPI app "
         f"(servers/fastapi.py) over the same serving core under uvicorn, one worker process per core "
         f"({meta['cores']}), one request per forward pass; *{PLAIN}* = what a user might write instead "
         "(servers/plain.py): FastAPI under uvicorn, one worker process per core and one torch thread each, Pillow "
@@ -336,6 +341,13 @@ def goals(results: dict, models: list[str], heavy: str | None) -> list[str]:
     if four := medians.get((TUNED, 4)):
         ok = four["rps"] >= target["rps_at_4"]
         rows.append(f"| tuned ≥ {target['rps_at_4']} req/s at 4 connections | {four['rps']:.0f} | {goal(ok)} |")
+    for c in target.get("no_regression_at", []):  # against the one worker that shipped before workers: auto
+        now, before = medians.get((TUNED, c)), medians.get((TUNED_ONE_WORKER, c))
+        if (r := ratio(now, before)) is not None:
+            rows.append(
+                f"| tuned ≥ {TUNED_ONE_WORKER} at {c} connections | {now['rps']:.0f} vs {before['rps']:.0f} req/s: "
+                f"{r:.2f}× | {goal(r >= 1)} |"
+            )
     best = max((m["images_per_s"] for m in inprocess_medians(results, first).values()), default=0.0) if first else 0
     if tuned and best:
         share = tuned["rps"] / best

@@ -26,7 +26,7 @@ PERFORMANCE_PROPERTIES = (
 )  # fmt: skip
 # the servers' labels, in the report and results.json: TorchServe's defaults, what ships, what ships with batch
 # size 1, the peers over the same serving core, and the plain app without it (its own decoding, no checks, no drift)
-STOCK, TUNED, TUNED_BATCH_1 = "stock", "tuned", "tuned, batch 1"
+STOCK, TUNED, TUNED_BATCH_1, TUNED_ONE_WORKER = "stock", "tuned", "tuned, batch 1", "tuned, 1 worker"
 FASTAPI, LITSERVE, PLAIN = "FastAPI", "LitServe", "FastAPI, plain"
 PEERS = {FASTAPI: FastAPIPeer, PLAIN: PlainPeer, LITSERVE: LitServePeer}
 
@@ -60,7 +60,8 @@ def write_stock_properties(path: Path) -> Path:
 
 
 def describe(config: ModelConfig, props: dict[str, str]) -> str:
-    parts = [f"minWorkers {config.workers}"] if config.workers is not None else []
+    cores = len(os.sched_getaffinity(0))
+    parts = [f"minWorkers {config.workers}" if config.workers is not None else f"a worker per core ({cores})"]
     parts += [f"batchSize {config.batch_size}", f"maxBatchDelay {config.max_batch_delay_ms}"]
     parts.append(f"torch threads {config.handler.get('threads', '?')}")
     parts += [f"{k}={v}" for k, v in props.items() if k in PERFORMANCE_PROPERTIES]
@@ -76,15 +77,20 @@ def comparison(
     default_threads: int,
     peers: Iterable[str],
 ) -> list[Server]:
-    """stock, tuned (what ships), tuned with batch size 1 (at the goal's connection count and above), `peers`."""
+    """stock, tuned (what ships), tuned with batch size 1 (at the fewest connections and at the goal's: what the
+    batch delay costs a lone request, and what batching gains under load), tuned with one worker where more ship
+    (what `workers` gains), `peers`."""
     stock = variant(model, workdir, STOCK, stock_model_config(shipped, default_threads))
     single = variant(model, workdir, "tuned_b1", shipped.changed(batch_size=1))
     conns, rates = plan.connections, plan.rates
     servers = [
         Server(STOCK, conns, rates, stock, write_stock_properties(workdir / "stock.properties")),
         Server(TUNED, conns, rates, model.mar.parent, CONFIG_PROPERTIES),
-        Server(TUNED_BATCH_1, [c for c in conns if c >= goal_connections] or conns[-1:], [], single, CONFIG_PROPERTIES),
+        Server(TUNED_BATCH_1, sorted({*conns[:2], goal_connections} & set(conns)), [], single, CONFIG_PROPERTIES),
     ]
+    if shipped.workers != 1:
+        one = variant(model, workdir, "tuned_w1", shipped.changed(workers=1))
+        servers.append(Server(TUNED_ONE_WORKER, conns, [], one, CONFIG_PROPERTIES))
     return [*servers, *(Server(peer, conns, rates) for peer in peers)]
 
 

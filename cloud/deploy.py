@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from common.cli import BundleError
 from common.config import ROOT
 from common.io import write_text
+from handlers.archive import AUTO
 from servers.torchserve import read_properties
 from training.lineage import git_state
 
@@ -35,6 +36,7 @@ VERTEX_JOB = ROOT / "cloud" / "vertex-job.yaml"
 CONTAINER_CONFIG = ROOT / "docker" / "config.properties"
 RENDERED = ROOT / "logs" / "deploy"
 CLOUD_RUN_CPUS = (1, 2, 4, 8)
+AUTO_CPUS = 2  # vCPUs of an instance with serve.workers=auto: TorchServe starts a worker per vCPU it sees
 CLOUD_RUN_MAX_CONCURRENCY = 1000
 # Cloud Run's GPU (one per instance): its service page asks at least 4 CPUs and 16 GiB with it (gcloud 528's
 # --help says 8Gi; the stricter holds), and instance-based billing (--no-cpu-throttling).
@@ -56,9 +58,17 @@ def container_port() -> int:
     return urlparse(read_properties(CONTAINER_CONFIG)["inference_address"]).port
 
 
-def concurrency(serve) -> int:
+def workers(serve, gpu: bool = False) -> int:
+    """The workers an instance runs: serve.workers, or for `auto` what TorchServe starts there: one per vCPU
+    (AUTO_CPUS), or one per GPU."""
+    if serve.workers != AUTO:
+        return serve.workers
+    return 1 if gpu else AUTO_CPUS
+
+
+def concurrency(serve, gpu: bool = False) -> int:
     """Requests Cloud Run sends one instance at once: per worker, one batch running and one filling."""
-    n = serve.workers * serve.batch_size * 2
+    n = workers(serve, gpu) * serve.batch_size * 2
     if n > CLOUD_RUN_MAX_CONCURRENCY:
         raise DeployError(
             f"serve.workers x serve.batch_size x 2 = {n} requests per instance: Cloud Run takes at most "
@@ -69,7 +79,9 @@ def concurrency(serve) -> int:
 
 def cpus(serve, gpu: bool = False) -> int:
     """One core per worker thread plus one for the Java frontend, rounded up to a Cloud Run size (at least
-    Cloud Run's minimum beside a GPU)."""
+    Cloud Run's minimum beside a GPU); with serve.workers=auto, AUTO_CPUS, each running a worker."""
+    if serve.workers == AUTO:
+        return max(AUTO_CPUS, CLOUD_RUN_GPU["min_cpus"] if gpu else 1)
     need = max(serve.workers * serve.handler.threads + 1, CLOUD_RUN_GPU["min_cpus"] if gpu else 1)
     fits = [n for n in CLOUD_RUN_CPUS if n >= need]
     if not fits:
@@ -111,7 +123,7 @@ def substitutions(
         "_DVC_REMOTE": "gcs",
         "_CPU": str(cpus(cfg.serve, gpu)),
         "_MEMORY": memory,
-        "_CONCURRENCY": str(concurrency(cfg.serve)),
+        "_CONCURRENCY": str(concurrency(cfg.serve, gpu)),
         "_MIN_INSTANCES": str(instances[0]),
         "_MAX_INSTANCES": str(instances[1]),
         "_TIMEOUT": str(2 * cfg.serve.response_timeout_s),  # TorchServe answers or gives up first

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from cloud import deploy
-from cloud.deploy import CONTAINER_CONFIG, DEFAULTS, DeployError, concurrency, cpus
+from cloud.deploy import CONTAINER_CONFIG, DEFAULTS, DeployError, concurrency, cpus, workers
 from common.config import ROOT
 from common.io import write_text
 from handlers import files
@@ -39,7 +39,7 @@ def gpu_ready(mar: Path) -> bool:
     return (variant is not None and "cuda" in files.REGISTRY[variant].devices) or files.MODEL in members(mar)
 
 
-def properties(cfg) -> dict[str, str]:
+def properties(cfg, gpu: bool = False) -> dict[str, str]:
     """config/config.properties: the container's settings (docker/config.properties: performance, metrics, token
     auth off) with the addresses and paths the runtime expects and the model as a snapshot entry, which is how the
     runtime's front learns the model's name and TorchServe loads it with the serve profile's workers and batching."""
@@ -48,8 +48,8 @@ def properties(cfg) -> dict[str, str]:
     model = {
         "defaultVersion": True,
         "marName": mar_file(cfg.name),
-        "minWorkers": serve.workers,
-        "maxWorkers": serve.workers,
+        "minWorkers": workers(serve, gpu),  # TorchServe's snapshot needs the number
+        "maxWorkers": workers(serve, gpu),
         "batchSize": serve.batch_size,
         "maxBatchDelay": serve.max_batch_delay_ms,
         "responseTimeout": serve.response_timeout_s,
@@ -69,7 +69,7 @@ def properties(cfg) -> dict[str, str]:
     return props
 
 
-def storage(cfg, mar: Path, out: Path) -> Path:
+def storage(cfg, mar: Path, out: Path, gpu: bool = False) -> Path:
     """The storage folder: config/config.properties, config/metrics.yaml, model-store/<name>.mar."""
     if not mar.is_file():
         raise DeployError(f"no archive {mar}: run `make archive` (or pass --archive)")
@@ -80,7 +80,9 @@ def storage(cfg, mar: Path, out: Path) -> Path:
     (out / "model-store").mkdir(parents=True)
     shutil.copy2(mar, out / "model-store" / mar_file(cfg.name))
     head = "# TorchServe in KServe's TorchServe runtime, written by `python -m scripts.deploy kserve`\n"
-    write_text(out / "config" / "config.properties", head + "".join(f"{k}={v}\n" for k, v in properties(cfg).items()))
+    write_text(
+        out / "config" / "config.properties", head + "".join(f"{k}={v}\n" for k, v in properties(cfg, gpu).items())
+    )
     shutil.copy2(ROOT / "metrics.yaml", out / "config" / "metrics.yaml")
     return out
 
@@ -110,7 +112,7 @@ def inference_service(
         "minReplicas": replicas[0],
         "maxReplicas": replicas[1],
         "scaleMetric": "concurrency",
-        "scaleTarget": concurrency(cfg.serve),
+        "scaleTarget": concurrency(cfg.serve, gpu),
         "timeout": 2 * cfg.serve.response_timeout_s,  # TorchServe answers or gives up first
         "model": {
             "modelFormat": {"name": "pytorch"},
@@ -182,7 +184,7 @@ def prepare(cfg, mar: Path, bucket: str | None, out: Path, **service) -> tuple[P
     if service.get("gpu") and not gpu_ready(mar):
         raise DeployError(f"{mar.name} has no file a GPU runs: rebuild it with archive.gpu_file=true")
     validate(spec)
-    folder = storage(cfg, mar, out / cfg.name)
+    folder = storage(cfg, mar, out / cfg.name, bool(service.get("gpu")))
     manifest = out / f"{service_name(cfg)}.inferenceservice.yaml"
     write_text(manifest, yaml.safe_dump(spec, sort_keys=False))
     return folder, manifest, commands(folder, storage_uri, manifest)

@@ -23,6 +23,7 @@ import yaml
 
 MODEL_CONFIG = "model-config.yaml"
 PROFILES = ("cpu", "gpu")
+WORKERS = ("minWorkers", "maxWorkers")  # a profile without them (workers: auto) leaves TorchServe a worker per core
 
 
 def visible_gpus() -> tuple[int, str]:
@@ -52,7 +53,7 @@ def lay_out(mar: Path, model_dir: Path, settings: dict) -> dict:
         z.extractall(model_dir)
     config_path = model_dir / MODEL_CONFIG
     config = (yaml.safe_load(config_path.read_text()) if config_path.is_file() else None) or {}
-    config.update(settings)
+    config = {key: value for key, value in config.items() if key not in WORKERS} | settings
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     return config
 
@@ -74,9 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     with open(args.properties, "a") as out:
         out.write(f"number_of_gpu={number_of_gpu}\n")
     why = "SERVE_PROFILE" if "SERVE_PROFILE" in os.environ else "auto"
+    workers = f"{config['minWorkers']} worker(s)" if "minWorkers" in config else "a worker per core"
     print(
         f"entrypoint: serving profile {profile} ({why}; {gpus} GPU(s) visible: {found}): "
-        f"{config['minWorkers']} worker(s), batch {config['batchSize']}, max batch delay {config['maxBatchDelay']} ms, "
+        f"{workers}, batch {config['batchSize']}, max batch delay {config['maxBatchDelay']} ms, "
         f"number_of_gpu={number_of_gpu} (configs/serve/{profile}.yaml)",
         flush=True,
     )

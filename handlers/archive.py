@@ -16,6 +16,7 @@ from handlers import files
 
 # model-config.yaml's keys (TorchServe's names) of the ModelConfig fields beside `workers` and `handler`
 KEYS = {"batch_size": "batchSize", "max_batch_delay_ms": "maxBatchDelay", "response_timeout_s": "responseTimeout"}
+AUTO = "auto"  # serve.workers: as many as the machine has cores (GPUs where TorchServe sees GPUs)
 
 
 class BadArchive(ValueError):
@@ -34,7 +35,9 @@ class ModelConfig:
     A field's default is TorchServe's own for a setting that model-config.yaml leaves out.
     """
 
-    workers: int | None = None  # minWorkers = maxWorkers; None: TorchServe's default_workers_per_model
+    # minWorkers = maxWorkers; None: TorchServe's default_workers_per_model, which config.properties leaves unset, so
+    # one per core the JVM sees (the container's CPU limit included), or one per GPU
+    workers: int | None = None
     batch_size: int = 1
     max_batch_delay_ms: int = 100
     response_timeout_s: int = 120
@@ -55,7 +58,10 @@ class ModelConfig:
     def from_serve(cls, serve: dict) -> "ModelConfig":
         """From the `serve:` config section (configs/serve/<profile>.yaml) as a plain dict: what the archive packs."""
         timings = {name: serve[name] for name in KEYS}
-        return cls(workers=serve["workers"], **timings, handler=dict(serve["handler"]))
+        workers = serve["workers"]
+        if workers != AUTO and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"serve.workers={workers}: a number of workers (1 or more) or {AUTO}")
+        return cls(workers=None if workers == AUTO else workers, **timings, handler=dict(serve["handler"]))
 
     def to_dict(self) -> dict:
         """model-config.yaml's content, as TorchServe reads it."""

@@ -8,10 +8,11 @@ from collections import Counter
 from dataclasses import replace
 
 import torch
+import ts
 from ts.metrics.dimension import Dimension
 from ts.metrics.metric_type_enum import MetricTypes
 
-from handlers import protocol
+from handlers import protocol, wire
 from handlers.classifier import Batch, ImageClassifier, Result, Settings
 from handlers.decode import InputError
 
@@ -41,6 +42,11 @@ class Handler:
         if props.get("gpu_id") is not None:  # TorchServe's choice; the classifier says if it cannot use it
             settings.device = f"cuda:{props['gpu_id']}"
         torch.set_num_threads(settings.threads)  # this worker process only
+        if wire.applies():
+            wire.buffered_reads()
+            wire.quiet_batch_log()
+        else:
+            log.warning("TorchServe %s: handlers/wire.py is for %s, left out", ts.__version__, wire.VERSION)
         model = context.manifest["model"]
         self.classifier = ImageClassifier.from_dir(
             props["model_dir"], settings, model["modelName"], model.get("modelVersion", ""), model["serializedFile"]

@@ -10,6 +10,7 @@ import training.archive as archive_module
 from common.config import load_config
 from handlers import files
 from handlers.archive import BadArchive, ModelConfig, read_manifest, read_model_config
+from servers.torchserve import CONFIG_PROPERTIES, read_properties
 from training.archive import (
     HANDLER,
     ArchiveError,
@@ -56,7 +57,19 @@ def test_archive_without_export_fails_before_writing(tmp_path):
         archive(OmegaConf.merge(cfg, {"export": {"variant": "tensorrt"}}))
     with pytest.raises(ArchiveError, match="max_batch_delay_ms=0: use 1 or more"):
         archive(OmegaConf.merge(cfg, {"serve": {"max_batch_delay_ms": 0}}))
+    for workers in (0, "all", 1.5):
+        with pytest.raises(ArchiveError, match=f"serve.workers={workers}: a number of workers .1 or more. or auto"):
+            archive(OmegaConf.merge(cfg, {"serve": {"workers": workers}}))
     assert not (tmp_path / "store").exists()
+
+
+def test_workers_auto_leaves_the_count_to_torchserve():
+    """No minWorkers in model-config.yaml: TorchServe starts default_workers_per_model, which config.properties
+    leaves unset (a worker per core); a number is written as it is."""
+    auto, two = (model_config(load_config([f"serve.workers={w}"])) for w in ("auto", 2))
+    assert auto.workers is None and not {"minWorkers", "maxWorkers"} & set(auto.to_dict())
+    assert (two.to_dict()["minWorkers"], two.to_dict()["maxWorkers"]) == (2, 2)
+    assert "default_workers_per_model" not in read_properties(CONFIG_PROPERTIES)
 
 
 def test_archiving_leaves_the_shared_temp_folder_alone(cfg, mar, tmp_path):

@@ -25,6 +25,7 @@ from cloud import image as container
 from common import engine as engines
 from common.cli import BundleError
 from common.config import load_config
+from handlers.archive import AUTO
 from scripts.container import main as container_main
 from servers.container import Container
 from servers.process import Process, free_port
@@ -121,6 +122,11 @@ TS_KEYS = {"minWorkers": "workers", "maxWorkers": "workers", "batchSize": "batch
 TS_KEYS |= {"maxBatchDelay": "max_batch_delay_ms", "responseTimeout": "response_timeout_s"}
 
 
+def ts_settings(serve) -> dict:
+    """The model-config.yaml keys a serve profile sets: workers: auto leaves the workers to TorchServe."""
+    return {key: serve[name] for key, name in TS_KEYS.items() if name != "workers" or serve.workers != AUTO}
+
+
 def stages(dockerfile: str) -> dict[str, str]:
     """Each `FROM ... AS name` stage's text, by name."""
     parts = re.split(r"^FROM ", dockerfile, flags=re.M)[1:]
@@ -132,8 +138,7 @@ def test_the_image_renders_each_serving_profile_from_configs_serve(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["cpu.yaml", "gpu.yaml"]
     for profile in ("cpu", "gpu"):
         serve = load_config([f"serve={profile}"]).serve
-        expected = {key: serve[name] for key, name in TS_KEYS.items()}
-        assert yaml.safe_load((out / f"{profile}.yaml").read_text()) == expected, profile
+        assert yaml.safe_load((out / f"{profile}.yaml").read_text()) == ts_settings(serve), profile
     assert yaml.safe_load((out / "gpu.yaml").read_text()) != yaml.safe_load((out / "cpu.yaml").read_text())
 
 
@@ -162,13 +167,14 @@ def test_the_entrypoint_applies_the_profile_it_is_given(tmp_path, profile):
     assert run.returncode == 0, run.stderr
     serve = load_config([f"serve={profile}"]).serve
     config = yaml.safe_load((model_dir / "model-config.yaml").read_text())
-    assert config == {**{key: serve[name] for key, name in TS_KEYS.items()}, "handler": handler}
+    assert config == {**ts_settings(serve), "handler": handler}
     assert (model_dir / "MAR-INF" / "MANIFEST.json").is_file() and (model_dir / "handlers").is_dir()
     gpus = int(read_properties(properties)["number_of_gpu"])
     assert gpus == 0 if profile == "cpu" else gpus >= 0
     line = run.stdout.strip()
     assert "\n" not in line and line.startswith(f"entrypoint: serving profile {profile} (SERVE_PROFILE; ")
-    assert f"{serve.workers} worker(s), batch {serve.batch_size}, max batch delay {serve.max_batch_delay_ms} ms" in line
+    workers = "a worker per core" if serve.workers == AUTO else f"{serve.workers} worker(s)"
+    assert f"{workers}, batch {serve.batch_size}, max batch delay {serve.max_batch_delay_ms} ms" in line
 
 
 def test_the_entrypoint_picks_the_profile_by_the_gpus_it_sees(tmp_path):

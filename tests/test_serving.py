@@ -138,8 +138,9 @@ def test_images_in_rejects_non_string_base64():
 
 
 def test_handler_files_import_without_torchserve(model_dir):
-    """The archive's serving core is self-contained: only handler.py (the adapter) imports TorchServe."""
-    packed = [model_dir / path for path in handler_files() if path.name != "handler.py"]
+    """The archive's serving core is self-contained: only the TorchServe adapter (handler.py, and wire.py, which trims
+    TorchServe's worker) imports TorchServe."""
+    packed = [model_dir / path for path in handler_files() if path.name not in ("handler.py", "wire.py")]
     assert packed and all(path.is_file() for path in packed)
     for path in packed:
         text = path.read_text()

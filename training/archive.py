@@ -39,7 +39,10 @@ class ArchiveError(BundleError):
 
 def model_config(cfg: DictConfig) -> ModelConfig:
     """TorchServe's per-model settings; the handler reads its own `handler:` section."""
-    return ModelConfig.from_serve(OmegaConf.to_container(cfg.serve, resolve=True))
+    try:
+        return ModelConfig.from_serve(OmegaConf.to_container(cfg.serve, resolve=True))
+    except ValueError as err:
+        raise ArchiveError(str(err)) from None
 
 
 def handler_files() -> list[Path]:
@@ -89,6 +92,7 @@ def pack(cfg: DictConfig, artifacts: Path) -> Path:
             f"serve.max_batch_delay_ms={cfg.serve.max_batch_delay_ms}: use 1 or more "
             f"(TorchServe reads 0 as unset and waits its default {ModelConfig.max_batch_delay_ms} ms for every batch)"
         )
+    settings = model_config(cfg)
     model, labels, reference = (artifacts / f for f in (files.VARIANTS[variant], files.LABELS, files.REFERENCE))
     gpu = [artifacts / files.MODEL] if cfg.archive.gpu_file and "cuda" not in files.REGISTRY[variant].devices else []
     for path in (model, labels, reference, *gpu):
@@ -113,7 +117,7 @@ def pack(cfg: DictConfig, artifacts: Path) -> Path:
             shutil.copy2(src, extra / src.name)
         write_json(extra / files.LINEAGE, record)
         config = Path(tmp) / files.MODEL_CONFIG
-        config.write_text(model_config(cfg).to_yaml())
+        config.write_text(settings.to_yaml())
         cmd = [
             sys.executable, "-m", "model_archiver.model_packaging",
             "--model-name", cfg.name,
