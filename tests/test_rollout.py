@@ -101,6 +101,7 @@ def test_a_rollout_and_a_rollback_under_load_lose_nothing(cfg, mar, release_cfg,
     with TorchServe(store, {cfg.name: mar.name}, tmp_path / "ts", ports={}) as server:
         server.wait_ready(180)
         api = server.api()
+        n = workers(api, cfg.name)["1.0"]  # serve.workers: auto, a worker per core
 
         def load() -> Load:
             return Load(server.url("inference"), cfg.name, images, server.key(), CLIENTS)
@@ -112,7 +113,7 @@ def test_a_rollout_and_a_rollback_under_load_lose_nothing(cfg, mar, release_cfg,
             until(lambda: answered_since(phase, 0), what="a first answer for every client")
             with pytest.raises(RolloutError, match=r"1.1 not rolled out, 1.0 still serves: the gate: 64 of 64"):
                 roll_out(api, refusing, store, images)
-            assert workers(api, cfg.name) == {"1.0": 1}  # the refused 1.1 is unregistered again
+            assert workers(api, cfg.name) == {"1.0": n}  # the refused 1.1 is unregistered again
             rolled = roll_out(api, new_mar, store, images)
             switched = time.monotonic()
             until(lambda: answered_since(phase, switched), what="an answer from 1.1 for every client")
@@ -124,8 +125,9 @@ def test_a_rollout_and_a_rollback_under_load_lose_nothing(cfg, mar, release_cfg,
         described = api.describe(cfg.name)
         assert described["lineage"]["run_id"] == new["run_id"]
         assert described["lineage"]["registry"] == new["registry"]
-        assert described["drift"]["window"] == min(window, len(images) + served_by_new)  # the gate's and the load's
-        assert workers(api, cfg.name) == {"1.0": 0, "1.1": 1}  # 1.0 retired
+        held, seen = described["drift"]["window"], min(window, len(images) + served_by_new)  # the gate's and the load's
+        assert held == seen if n == 1 else 0 < held <= seen  # n workers share them; describe answers from one
+        assert workers(api, cfg.name) == {"1.0": 0, "1.1": n}  # 1.0 retired
         assert registry.promote(described["lineage"], ALIAS) == new["registry"]["version"]
 
         with load() as phase:
@@ -139,7 +141,7 @@ def test_a_rollout_and_a_rollback_under_load_lose_nothing(cfg, mar, release_cfg,
         counted = summary(answers, {"1.0", "1.1"}, ["1.1", "1.0"])
         assert (counted["failed"], counted["unknown_version"], counted["clients_off_sequence"]) == (0, 0, 0)
         assert api.describe(cfg.name)["lineage"]["run_id"] == old["run_id"]
-        assert workers(api, cfg.name) == {"1.0": 1, "1.1": 0}
+        assert workers(api, cfg.name) == {"1.0": n, "1.1": 0}
         client = MlflowClient(old["tracking_uri"])
         assert str(client.get_model_version_by_alias(cfg.name, ALIAS).version) == old["registry"]["version"]
         with pytest.raises(RolloutError, match="no version of digits_cnn older than 1.0 is registered"):
