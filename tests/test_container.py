@@ -288,10 +288,13 @@ def engine() -> str:
 
 @pytest.fixture(scope="module")
 def image(cfg, mar, engine, tmp_path_factory):
-    """The runtime image with the session's archive baked in; removed afterwards (its cache stays)."""
+    """The runtime image with the session's archive baked in. Afterwards it stays as <name>-test:cache, the one
+    image kept: removing it would take the build's cached layers with it (buildah drops an image's intermediate
+    images), and the next run would install Java again."""
     tag = f"localhost/{cfg.name}-test:{int(time.time())}"
     log = tmp_path_factory.mktemp("container") / "build.log"
     start = time.monotonic()
+    tool = ["docker"] if engine == "docker" else [*engines.as_root(), "buildah"]
     try:
         try:
             container.build("runtime", tag, cfg.name, mar.parent, engine, log=log)
@@ -300,9 +303,9 @@ def image(cfg, mar, engine, tmp_path_factory):
         size = container.image_size(tag, engine)
         print(f"\nimage {tag}: built in {time.monotonic() - start:.0f} s, {size / 1e9:.2f} GB ({engine})")
         yield tag, size
+        engines.sh([*tool, "tag", tag, f"localhost/{cfg.name}-test:cache"], check=False, capture_output=True)
     finally:
-        rmi = ["docker", "rmi", "-f", tag] if engine == "docker" else [*engines.as_root(), "buildah", "rmi", "-f", tag]
-        engines.sh(rmi, check=False, capture_output=True)
+        engines.sh([*tool, "rmi", "-f", tag], check=False, capture_output=True)
 
 
 def wait_ready(ctr: Process, management: str, name: str, timeout: float = 120) -> float:
