@@ -26,17 +26,20 @@ serve: $(STAMP) pipeline  ## build everything that changed, then serve it (Ctrl-
 # A subset (ARGS=tests/...) runs in one go and reports coverage without the floor.
 COVERAGE_FLOOR := 75
 FAST := not slow and not server and not gpu
+# Two pytest processes (pytest-xdist), each running whole test files: each builds its own session pipeline and
+# servers, so more would only share the same cores. The slow tier waits on servers much of the time.
+PARALLEL := -n 2 --dist loadscope
 test: $(STAMP)  ## the whole test suite, fast tier first, with coverage (ARGS=tests/test_unit_serving.py: a subset)
 ifeq ($(ARGS),)
-	$(PY) -m pytest -x -m "$(FAST)" --cov --cov-report=
-	$(PY) -m pytest -m "not ($(FAST))" --cov --cov-append --cov-report=term-missing:skip-covered \
+	$(PY) -m pytest $(PARALLEL) -x -m "$(FAST)" --cov --cov-report=
+	$(PY) -m pytest $(PARALLEL) -m "not ($(FAST))" --cov --cov-append --cov-report=term-missing:skip-covered \
 	  --cov-fail-under=$(COVERAGE_FLOOR)
 else
 	$(PY) -m pytest --cov --cov-report=term-missing:skip-covered $(ARGS)
 endif
 
 test-fast: $(STAMP)  ## the tests that need nothing trained and start no server: under a minute (ARGS=-x)
-	$(PY) -m pytest -m "$(FAST)" $(ARGS)
+	$(PY) -m pytest $(PARALLEL) -m "$(FAST)" $(ARGS)
 
 pipeline: $(STAMP)  ## dvc repro: data -> train -> export -> robustness -> archive, only what changed
 	dvc repro

@@ -1,6 +1,7 @@
 """Debian packages the bundle needs (buildah and debootstrap for the image, prometheus for monitoring),
 installed one way: apt-get as root, or through `sudo -n` where sudo needs no password."""
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ from common.cli import BundleError
 POLICY_RC = Path("/usr/sbin/policy-rc.d")
 NO_SERVICES = "#!/bin/sh\nexit 101\n"  # dpkg asks policy-rc.d before starting a service; 101: do not
 SBIN = ("/usr/local/sbin", "/usr/sbin", "/sbin")  # where Debian puts root's tools (debootstrap): off a user's PATH
+LOCK = Path(tempfile.gettempdir()) / "bundle-apt.lock"  # one install at a time: a second apt-get finds dpkg locked
 
 
 class AptError(BundleError):
@@ -38,7 +40,11 @@ def ensure(commands: dict[str, str], services: tuple[str, ...] = (), recommends:
     """
     missing = sorted({package for command, package in commands.items() if not which(command)})
     if missing:
-        install(missing, services, recommends)
+        with open(LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            missing = sorted({package for command, package in commands.items() if not which(command)})
+            if missing:  # another process may have installed them while this one waited
+                install(missing, services, recommends)
     paths = {command: which(command) for command in commands}
     if lost := [command for command, path in paths.items() if not path]:
         raise AptError(f"apt-get installed {' '.join(missing)} but {', '.join(lost)} is not on PATH")

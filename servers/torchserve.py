@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,6 +24,7 @@ CONFIG_PROPERTIES = ROOT / "config.properties"
 API_PORTS = {"inference": "inference_address", "management": "management_address", "metrics": "metrics_address"}
 GRPC_PORTS = {"grpc_inference": "grpc_inference_port", "grpc_management": "grpc_management_port"}
 MIN_JAVA = 17
+SOCKET_PATH_MAX = 107  # bytes in a Unix socket's path (sockaddr_un.sun_path, less its NUL), on Linux
 WORKDIR = ROOT / "logs" / "torchserve"  # `make serve`'s: its logs, pid file and key_file.json
 
 
@@ -173,6 +175,7 @@ class TorchServe(Process):
     ) -> None:
         self.model_store = Path(model_store).resolve()
         self.models, self.workdir = models, Path(workdir).resolve()
+        self.temp = self.workdir
         config = Path(config).resolve()
         self.props = read_properties(config)
         if "metrics_config" in self.props:  # relative to config.properties, not to the workdir
@@ -212,9 +215,17 @@ class TorchServe(Process):
         key = self.key(api)
         return {"Authorization": f"Bearer {key}"} if key else {}
 
+    def _temp(self) -> Path:
+        """TorchServe's temp folder: the frontend unpacks archives there (else in /tmp/models, which the first user
+        to create it owns), and each worker listens on <temp>/.ts.sock.<port>. The workdir, unless that name would
+        not fit a Unix socket's path: then a private folder under the system's temp folder, removed on stop."""
+        if len(str(self.workdir / ".ts.sock.65535").encode()) <= SOCKET_PATH_MAX:
+            return self.workdir
+        return Path(tempfile.mkdtemp(prefix="ts-"))
+
     def _env(self) -> dict[str, str]:
-        # TEMP: where the frontend unpacks archives; else /tmp/models, which the first user to create it owns
-        env = dict(os.environ, JAVA_HOME=find_java_home(), TMPDIR=str(self.workdir), TEMP=str(self.workdir))
+        self.temp = self._temp()
+        env = dict(os.environ, JAVA_HOME=find_java_home(), TMPDIR=str(self.temp), TEMP=str(self.temp))
         env.update(LOG_LOCATION=str(self.workdir / "logs"), METRICS_LOCATION=str(self.workdir / "logs"))
         return env
 
@@ -237,6 +248,13 @@ class TorchServe(Process):
         (self.workdir / "config.properties").write_text("".join(f"{k}={v}\n" for k, v in self.props.items()))
         super().start()
         return self
+
+    def stop(self, timeout: float = 30) -> None:
+        try:
+            super().stop(timeout)
+        finally:
+            if self.temp != self.workdir:
+                shutil.rmtree(self.temp, ignore_errors=True)
 
     def log_tail(self, lines: int = 20) -> str:
         model_log = self.workdir / "logs" / "model_log.log"

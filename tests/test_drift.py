@@ -11,6 +11,7 @@ from handlers import files
 from handlers.classifier import ImageClassifier
 from handlers.decode import decode_image
 from handlers.drift import FEATURES, Reference, features, js_divergence, ks_statistic, scores
+from servers.torchserve import TorchServe
 from tests import client
 from tests.client import png
 
@@ -92,6 +93,16 @@ def test_core_summary_goes_from_ok_to_drift(model_dir, cfg, settings, test_split
     assert summary["status"] == "drift" and "brightness" in summary["drifted"]
     assert summary["window"] == 200 and len(batch.top) == 200
     assert batch.drift_ms > 0  # the batch's drift tracking is timed (for the DriftTime metric)
+
+
+@pytest.fixture(scope="module")
+def server(cfg, mar, tmp_path_factory):
+    """This module's own TorchServe, in place of the session's (which `post` then uses too): every worker's drift
+    window starts empty here, whatever the tests before sent the session's server (upscaled or JPEG images move
+    the sharpness feature)."""
+    with TorchServe(mar.parent, {cfg.name: mar.name}, tmp_path_factory.mktemp("torchserve"), ports={}) as ts:
+        ts.wait_ready(timeout=180)
+        yield ts
 
 
 def drift_metrics(server) -> dict[str, float]:

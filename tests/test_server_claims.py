@@ -206,7 +206,8 @@ def sockets(ts: TorchServe) -> set[str]:
 
 def test_two_servers_side_by_side_answer_with_their_own_models(cfg, mar, offline, pngs, tmp_path):
     """Two servers started with ports={} at once, different models: each answers with its own model over interleaved
-    requests, on its own worker port and socket (two servers on one socket would talk to each other's workers)."""
+    requests, on its own worker port and socket (two servers on one socket would talk to each other's workers). The
+    second one's workdir is too deep for a socket's path: its sockets go to a private temp folder, removed on stop."""
     images = pngs[:20]
     want = [offline(image) for image in images]
     classes = read_meta(cfg.paths.data)["classes"]
@@ -214,12 +215,15 @@ def test_two_servers_side_by_side_answer_with_their_own_models(cfg, mar, offline
     other = constant_archive(cfg, tmp_path / "constant", "constant", index)
     with ExitStack() as stack:
         real = stack.enter_context(TorchServe(mar.parent, {cfg.name: mar.name}, tmp_path / "real", ports={}))
-        fixed = stack.enter_context(TorchServe(other.parent, {"constant": other.name}, tmp_path / "fixed", ports={}))
+        deep = tmp_path / ("a-workdir-deeper-than-a-unix-socket-path-can-be-" * 2)
+        fixed = stack.enter_context(TorchServe(other.parent, {"constant": other.name}, deep, ports={}))
         real.wait_ready(timeout=180)
         fixed.wait_ready(timeout=180)
         answers = [(ask(real, cfg.name, image), ask(fixed, "constant", image)) for image in images]
         ports = [ts.workers(name)[0]["id"] for ts, name in ((real, cfg.name), (fixed, "constant"))]
         socks = [sockets(real), sockets(fixed)]
+        assert real.temp == real.workdir and fixed.temp != deep and fixed.temp.is_dir()
+    assert not fixed.temp.exists()
     for ((status, body), (other_status, other_body)), label in zip(answers, want, strict=True):
         assert status == other_status == 200, (body, other_body)
         assert (body["model"], body["version"], body["label"]) == (cfg.name, str(cfg.version), label)
