@@ -3,6 +3,7 @@ Protocol's requests are told by their body and mapped by handlers/protocol.py.""
 
 import json
 import logging
+import os
 import time
 from collections import Counter
 from dataclasses import replace
@@ -61,7 +62,8 @@ class Handler:
 
     def handle(self, data: list[dict], context) -> list[str]:
         if context.get_request_header(0, "describe") == "True":  # GET /models/<name>?customized=true
-            described = {"served": self.classifier.served(), "drift": self.classifier.drift_summary()}
+            described = {"worker": os.getpid(), "served": self.classifier.served()}
+            described["drift"] = self.classifier.drift_summary()
             return [json.dumps({**described, "lineage": self.classifier.lineage})]
         bodies = [payload(row) for row in data]
         requests = [self.parse(body, idx, context) for idx, body in enumerate(bodies)]  # v2 Request, None or refused

@@ -140,17 +140,20 @@ def gate(api: Api, name: str, version: str, mar: Path, images: list[bytes]) -> N
 
 def drained(api: Api, name: str, version: str) -> bool:
     """Nothing of `version` is in flight any more, the default being another version (no request joins it):
-    its job queue is empty, and then every job its workers had taken has been answered. With one worker, a
-    describe call proves it (TorchServe's worker takes it from the same queue, alone, after the jobs before it);
-    with more, another worker could take it first, so the wait is the version's response timeout, after which
-    TorchServe has answered or failed every job a worker held."""
+    its job queue is empty, and then each of its workers has answered a describe call. A worker takes a job only
+    when it has answered the jobs it held, so its answer comes after theirs. Describe calls go to whichever worker
+    is free; they are sent until every worker has answered one, or until the version's response timeout has
+    passed, by which TorchServe has answered or failed every job a worker held."""
     state = described(api, name, version)
     if state.get("jobQueueStatus", {}).get("pendingRequests", 0) > 0:
         return False
-    if len(state.get("workers", [])) <= 1:
-        api.describe(name, version, timeout=state.get("responseTimeout", 120) + 30)
-    else:
-        time.sleep(state.get("responseTimeout", 120))
+    timeout = state.get("responseTimeout", 120)
+    deadline, answered = time.monotonic() + timeout, set()
+    while time.monotonic() < deadline:
+        workers = {worker.get("pid") for worker in described(api, name, version).get("workers", [])}
+        if workers <= answered or (len(workers) == 1 and answered):  # an archive whose describe has no pid
+            break
+        answered.add(api.describe(name, version, timeout=timeout + 30).get("worker"))
     return True
 
 

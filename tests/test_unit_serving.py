@@ -6,6 +6,7 @@ The tiny model answers which colour channel is brightest (red, green or blue), s
 import base64
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -304,12 +305,13 @@ def test_drift_window_keeps_the_last_images():
         assert sorted(map(tuple, monitor.values[: len(monitor)].tolist())) == [tuple(rows[k]) for k in kept]
 
 
-def test_handler_describe_returns_the_drift_summary(adapter):
+def test_handler_describe_returns_its_pid_and_the_drift_summary(adapter):
     handler, context = adapter
     context.headers["describe"] = "True"
     [answer] = handler.handle([{}], context)
     core = handler.classifier
-    assert json.loads(answer) == {"served": core.served(), "drift": core.drift_summary(), "lineage": core.lineage}
+    want = {"worker": os.getpid(), "served": core.served(), "drift": core.drift_summary(), "lineage": core.lineage}
+    assert json.loads(answer) == want
     assert core.served() == {
         "file": files.MODEL, "variant": "torchscript", "device": "cpu", "precision": "fp32", "decoder": "pillow on cpu"
     }  # fmt: skip
