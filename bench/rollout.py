@@ -128,7 +128,8 @@ def markdown(result: dict) -> str:
             "",
             f"`{result['command']}` on {result['machine']}: {load['clients']} keep-alive clients sent "
             f"{load['requests']} requests to `/predictions/{result['name']}` while version {out['version']} was "
-            f"rolled in over {out['previous']} and rolled back ({HOLD_S:.0f} s of load before, between and after).",
+            f"rolled in over {out['previous']}, {result['workers']} worker(s) each, and rolled back ({HOLD_S:.0f} s "
+            "of load before, between and after).",
             "",
             "| measure | value | goal |",
             "| --- | --- | --- |",
@@ -177,7 +178,7 @@ def measure(cfg: DictConfig, clients: int, workdir: Path, command: str, out: Pat
     shutil.copyfile(Path(cfg.paths.model_store) / mar_file(cfg.name), store / mar_file(cfg.name))
     with TorchServe(store, {cfg.name: mar_file(cfg.name)}, workdir / "torchserve", ports={}) as server:
         server.wait_ready(180)
-        api = server.api()
+        api, workers = server.api(), len(server.workers(cfg.name))
         with Load(server.url("inference"), cfg.name, images, server.key(), clients) as load:
             time.sleep(HOLD_S)
             rolled = roll_out(api, mar, store, images)
@@ -190,6 +191,7 @@ def measure(cfg: DictConfig, clients: int, workdir: Path, command: str, out: Pat
         "command": command,
         "machine": f"{len(os.sched_getaffinity(0))} cores, {platform.machine()}",
         "name": cfg.name,
+        "workers": workers,
         "load": summary(answers, {rolled.previous, rolled.version}, versions),
         "rollout": as_dict(rolled),
         "rollback": as_dict(back),
