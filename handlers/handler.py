@@ -62,9 +62,13 @@ class Handler:
 
     def handle(self, data: list[dict], context) -> list[str]:
         if context.get_request_header(0, "describe") == "True":  # GET /models/<name>?customized=true
-            described = {"worker": os.getpid(), "served": self.classifier.served()}
-            described["drift"] = self.classifier.drift_summary()
-            return [json.dumps({**described, "lineage": self.classifier.lineage})]
+            described = {
+                "worker": os.getpid(),
+                "served": self.classifier.served(),
+                "drift": self.classifier.drift_summary(),
+                "lineage": self.classifier.lineage,
+            }
+            return [json.dumps(described)]
         bodies = [payload(row) for row in data]
         requests = [self.parse(body, idx, context) for idx, body in enumerate(bodies)]  # v2 Request, None or refused
         ran = [idx for idx, request in enumerate(requests) if not isinstance(request, InputError)]

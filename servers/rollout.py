@@ -150,10 +150,11 @@ def drained(api: Api, name: str, version: str) -> bool:
     timeout = state.get("responseTimeout", 120)
     deadline, answered = time.monotonic() + timeout, set()
     while time.monotonic() < deadline:
-        workers = {worker.get("pid") for worker in described(api, name, version).get("workers", [])}
+        workers = {worker.get("pid") for worker in state.get("workers", [])}
         if workers <= answered or (len(workers) == 1 and answered):  # an archive whose describe has no pid
             break
         answered.add(api.describe(name, version, timeout=timeout + 30).get("worker"))
+        state = described(api, name, version)  # a worker that died meanwhile leaves the list, its replacement joins
     return True
 
 
